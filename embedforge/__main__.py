@@ -1,0 +1,5 @@
+"""`python -m embedforge ...` (and `torchrun -m embedforge train ...`) runs the CLI."""
+
+from embedforge.cli import main
+
+main()

@@ -1,0 +1,171 @@
+"""Command line: parse flags into a config, call the run machinery. Nothing else lives here.
+
+Every config field is a flag of the same name (`min_pairs` is `--min-pairs`), generated from
+the pydantic models so the two can never drift apart. Heavy libraries are imported inside the
+commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from embedforge.config import FIELD_SECTION, RunConfig, SECTIONS, load_config
+from embedforge.errors import EmbedforgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")
+STAGE_NAMES = ("generate", "mine", "train", "evaluate")
+
+
+def _field_info(name: str):
+    section = FIELD_SECTION[name]
+    model = RunConfig if section is None else RunConfig.model_fields[section].annotation
+    return model.model_fields[name]
+
+
+def _flag_type(annotation: Any) -> Any:
+    """Typer-friendly type for a config annotation: Optional[...] everywhere, Literal as str, tuples as lists."""
+    origin = typing.get_origin(annotation)
+    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return Optional[str]
+    if origin in (tuple, list):
+        return Optional[list[arguments[0]]]
+    if arguments and origin is not None:
+        return _flag_type(arguments[0])
+    return Optional[annotation]
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    parameters = []
+    for name in FIELD_SECTION:
+        info = _field_info(name)
+        help_text = (info.description or "") + f" (config: {FIELD_SECTION[name] + '.' if FIELD_SECTION[name] else ''}{name}; default: {info.default})"
+        option = typer.Option(None, "--" + name.replace("_", "-"), help=help_text, show_default=False)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_flag_type(info.annotation)))
+    return parameters
+
+
+def with_config_flags(function):
+    """Add every config field as a flag; the wrapped function gets `overrides` (field -> value or None)."""
+    own = list(inspect.signature(function).parameters.values())
+    own = [p for p in own if p.name != "overrides"]
+
+    def wrapper(**kwargs):
+        overrides = {name: kwargs.pop(name) for name in FIELD_SECTION}
+        return function(overrides=overrides, **kwargs)
+
+    wrapper.__name__ = function.__name__
+    wrapper.__doc__ = function.__doc__
+    wrapper.__signature__ = inspect.Signature(own + config_parameters())
+    return wrapper
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "sentence_transformers", "transformers", "datasets", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _llm_factory(generate_config, seed: int):
+    from embedforge.llm import make_chat_model
+
+    return make_chat_model(generate_config.base_url, generate_config.llm_model, generate_config.api_key_env,
+                           generate_config.timeout, generate_config.max_attempts, generate_config.concurrency, seed)
+
+
+def _pipeline(overrides: dict, config_file: Optional[Path], **options) -> None:
+    from embedforge import runs
+
+    _setup_logging()
+    config = load_config(config_file, overrides)
+    pipeline = runs.run(config, llm_factory=_llm_factory, **options)
+    report = pipeline.dir / "evaluate" / "report.md"
+    if not options.get("dry_run") and report.exists() and "evaluate" in runs.select_stages(options.get("from_stage"), options.get("to_stage")):
+        typer.echo("\n" + report.read_text(encoding="utf-8"))
+        typer.echo(f"Fine-tuned model: {(pipeline.dir / 'train' / 'model').resolve()}")
+
+
+ConfigFile = typer.Option(None, "--config", help="embedforge.toml; flags override it")
+Force = typer.Option(None, "--force", help="rerun this stage even if nothing changed (repeatable)")
+
+
+@app.command()
+@with_config_flags
+def run(overrides: dict, config_file: Optional[Path] = ConfigFile, force: Optional[list[str]] = Force,
+        from_stage: Optional[str] = typer.Option(None, "--from", help="start at this stage (and rerun it)"),
+        to_stage: Optional[str] = typer.Option(None, "--to", help="stop after this stage"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="say what would run, and why, without running it")) -> None:
+    """Run generate -> mine -> train -> evaluate in a run directory, redoing only what changed."""
+    for stage in [*(force or []), from_stage, to_stage]:
+        if stage is not None and stage not in STAGE_NAMES:
+            raise EmbedforgeError(f"Unknown stage {stage!r}", where="--force/--from/--to", fix=f"use one of {', '.join(STAGE_NAMES)}")
+    _pipeline(overrides, config_file, force=tuple(force or ()), from_stage=from_stage, to_stage=to_stage, dry_run=dry_run)
+
+
+@app.command()
+@with_config_flags
+def generate(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
+    """Stage 1: write queries for the corpus with an LLM (and anything before it that is out of date)."""
+    _pipeline(overrides, config_file, to_stage="generate")
+
+
+@app.command()
+@with_config_flags
+def mine(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
+    """Stage 2: mine hard negatives (runs earlier stages first if they are out of date)."""
+    _pipeline(overrides, config_file, to_stage="mine")
+
+
+@app.command()
+@with_config_flags
+def train(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
+    """Stage 3: fine-tune the base model; resumes from the last checkpoint after a kill."""
+    _pipeline(overrides, config_file, to_stage="train")
+
+
+@app.command()
+@with_config_flags
+def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
+             model: Optional[list[str]] = typer.Option(None, "--model", help="standalone mode: a model to evaluate (repeatable; the first is the reference)"),
+             out: Optional[Path] = typer.Option(None, "--out", help="standalone mode: where to write results.json and report.md")) -> None:
+    """Stage 4: compare base and fine-tuned models; or, with --model and --out, evaluate models on --eval-set folders."""
+    if not model:
+        _pipeline(overrides, config_file, to_stage="evaluate")
+        return
+    from embedforge import evaluate as evaluate_stage
+
+    _setup_logging()
+    config = load_config(config_file, overrides)
+    if out is None or not config.evaluate.eval_set:
+        raise EmbedforgeError("Standalone evaluation needs --eval-set DIR and --out DIR", where="embedforge evaluate --model", fix="add --eval-set and --out")
+    eval_sets = [evaluate_stage.load_beir(folder) for folder in config.evaluate.eval_set]
+    labels = [Path(name).name if Path(name).exists() else name for name in model]
+    evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size)
+    typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
+
+
+@app.command()
+def status(run_dir: Path = typer.Option(..., "--run", help="the run directory"), config_file: Optional[Path] = ConfigFile) -> None:
+    """Per stage: up to date, stale (and why), never run, or failed last time."""
+    from embedforge import runs
+
+    config_path = config_file or run_dir / "config.toml"
+    config = load_config(config_path if config_path.exists() else None, {"run": run_dir})
+    for stage, state in runs.status(config).items():
+        typer.echo(f"{stage:9} {state}")
+
+
+def main() -> None:
+    try:
+        app()
+    except EmbedforgeError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        sys.exit(1)

@@ -1,0 +1,175 @@
+"""Configuration: one frozen pydantic model per stage, and the run configuration that holds them.
+
+A run is configured by `embedforge.toml` (sections `[corpus]`, `[generate]`, `[mine]`,
+`[train]`, `[evaluate]`, plus top-level keys) and by CLI flags, which override the file. Field
+names are unique across sections, so each flag (`--min-pairs`) maps to exactly one field
+(`min_pairs`). Unknown keys are rejected. Fields listed in RUNTIME_ONLY change how fast a stage
+runs, never what it produces, and are left out of stage fingerprints.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embedforge.errors import EmbedforgeError
+
+# Prompts are plain files at the repository root; the wheel carries them inside the package.
+_PACKAGE = Path(__file__).resolve().parent
+PROMPTS_DIR = next((d for d in (_PACKAGE / "prompts", _PACKAGE.parent / "prompts") if d.is_dir()), _PACKAGE / "prompts")
+DEFAULT_PROMPT = PROMPTS_DIR / "question.toml"
+DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
+LOCAL_LLM = "SmolLM2-135M-Instruct"
+
+RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "device", "progress"}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CorpusConfig(_Frozen):
+    corpus: Path | None = Field(None, description="BEIR folder, JSONL/CSV file or folder of .txt/.md; empty = Python stdlib docs")
+    id_field: str = "_id"
+    text_field: str = "text"
+    title_field: str = "title"
+    chunk_words: int = Field(160, ge=16, description="passage size, in words, when chunking documents")
+    max_passages: int | None = Field(None, ge=1, description="keep at most this many passages (chosen by id hash)")
+
+
+class GenerateConfig(_Frozen):
+    prompt: Path = DEFAULT_PROMPT
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; empty = the local model")
+    llm_model: str = LOCAL_LLM
+    api_key_env: str = "OPENAI_API_KEY"
+    min_pairs: int = Field(1000, ge=1)
+    queries_per_passage: int = Field(1, ge=1, le=20)
+    max_rounds: int = Field(4, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(48, ge=4)
+    min_query_words: int = Field(2, ge=1)
+    max_query_words: int = Field(24, ge=1)
+    max_copy_overlap: float = Field(0.8, gt=0, le=1, description="reject a query whose tokens are mostly a span of the passage")
+    round_trip_k: int | None = Field(10, ge=1, description="keep a training pair only if the base model ranks its passage this high; empty = off")
+    dev_fraction: float = Field(0.1, ge=0, lt=0.5)
+    test_fraction: float = Field(0.1, ge=0, lt=0.5)
+    max_dev_queries: int = Field(300, ge=0)
+    max_test_queries: int = Field(300, ge=0)
+    concurrency: int = Field(16, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+
+
+class MineConfig(_Frozen):
+    num_negatives: int = Field(3, ge=0)
+    range_min: int = Field(0, ge=0)
+    range_max: int = Field(50, ge=1)
+    relative_margin: float | None = Field(0.05, ge=0, lt=1)
+    absolute_margin: float | None = None
+    max_score: float | None = None
+    duplicate_threshold: float = Field(0.98, gt=0, le=1)
+    sampling: Literal["top", "random"] = "top"
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2)
+    learning_rate: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(256, ge=8)
+
+
+class EvaluateConfig(_Frozen):
+    eval_set: tuple[Path, ...] = ()
+    bootstrap_resamples: int = Field(10_000, ge=100)
+
+
+class RunConfig(_Frozen):
+    run: Path = Path("runs/demo")
+    cache: Path = Path("cache")
+    base_model: str = DEFAULT_BASE_MODEL
+    seed: int = 0
+    encode_batch_size: int = Field(64, ge=1)
+    corpus: CorpusConfig = CorpusConfig()
+    generate: GenerateConfig = GenerateConfig()
+    mine: MineConfig = MineConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("base_model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+SECTIONS = ("corpus", "generate", "mine", "train", "evaluate")
+
+
+def _section_of_field() -> dict[str, str | None]:
+    owner: dict[str, str | None] = {name: None for name in RunConfig.model_fields if name not in SECTIONS}
+    for section in SECTIONS:
+        for name in RunConfig.model_fields[section].annotation.model_fields:
+            if name in owner:
+                raise RuntimeError(f"config field {name!r} is defined twice")  # a programming error
+            owner[name] = section
+    return owner
+
+
+FIELD_SECTION = _section_of_field()
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read `embedforge.toml` (if given) and apply flag overrides (`field -> value`, None = not given)."""
+    data: dict[str, Any] = {}
+    where = "command-line flags"
+    if path is not None:
+        where = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise EmbedforgeError("Config file not found", where=str(path), fix="check the --config path, or run `embedforge init`") from error
+        except tomllib.TOMLDecodeError as error:
+            raise EmbedforgeError(f"The config file is not valid TOML ({error})", where=str(path), fix="fix the TOML syntax") from error
+        base = Path(path).resolve().parent
+        data = _resolve_paths(data, base)
+    for name, value in (overrides or {}).items():
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        section = FIELD_SECTION[name]
+        if section is None:
+            data[name] = value
+        else:
+            data.setdefault(section, {})[name] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}" for issue in error.errors())
+        raise EmbedforgeError(f"Invalid configuration: {problems}", where=where, fix="see `embedforge init` for every key with its default") from error
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    # Paths in a config file are relative to the file, so a run is reproducible from anywhere.
+    def resolve(value: Any) -> Any:
+        return str((base / value).resolve()) if isinstance(value, str) and value else value
+
+    data = {key: (dict(value) if isinstance(value, dict) else value) for key, value in data.items()}
+    for key in ("run", "cache"):
+        if key in data:
+            data[key] = resolve(data[key])
+    for section, key in (("corpus", "corpus"), ("generate", "prompt")):
+        if key in data.get(section, {}):
+            data[section][key] = resolve(data[section][key])
+    if "eval_set" in data.get("evaluate", {}):
+        data["evaluate"]["eval_set"] = [resolve(value) for value in data["evaluate"]["eval_set"]]
+    return data
+
+
+def fingerprint_fields(config: BaseModel) -> dict[str, Any]:
+    """The config as JSON, minus fields that change speed but never results."""
+    return {key: value for key, value in config.model_dump(mode="json").items() if key not in RUNTIME_ONLY}

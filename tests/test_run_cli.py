@@ -1,0 +1,57 @@
+"""End to end: `embedforge run` on a 40-passage corpus against the fake OpenAI server."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import passage_responder
+
+
+def run_cli(args, env_extra=None, cwd=None):
+    env = {**os.environ, "EMBEDFORGE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "embedforge", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_run_end_to_end(tmp_path, corpus_file, tiny_model, fake_openai):
+    fake_openai.responder = passage_responder
+    run_dir = tmp_path / "runs" / "e2e"
+    args = [
+        "run", "--corpus", str(corpus_file), "--run", str(run_dir), "--cache", str(tmp_path / "cache"),
+        "--base-url", fake_openai.base_url, "--llm-model", "fake-model", "--base-model", tiny_model,
+        "--min-pairs", "20", "--round-trip-k", "40", "--dev-fraction", "0.2", "--test-fraction", "0.2",
+        "--epochs", "1", "--batch-size", "4", "--bootstrap-resamples", "200", "--num-negatives", "2",
+    ]
+    result = run_cli(args, env_extra={"OPENAI_API_KEY": "sk-secret-test-key"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in [
+        "manifest.json", "config.toml", "corpus.jsonl", "generate/requests.jsonl", "generate/queries.jsonl", "generate/rejects.jsonl",
+        "generate/prompt.toml", "generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv",
+        "mine/train.jsonl", "mine/stats.json", "train/model/modules.json", "evaluate/results.json", "evaluate/report.md",
+    ]:
+        assert (run_dir / name).exists(), name
+    queries = [json.loads(line) for line in (run_dir / "generate/queries.jsonl").read_text().splitlines()]
+    assert {"_id", "text", "passage_id", "split", "prompt_sha", "request_sha"} <= set(queries[0])
+    test_passages = {q["passage_id"] for q in queries if q["split"] == "test"}
+    rows = [json.loads(line) for line in (run_dir / "mine/train.jsonl").read_text().splitlines()]
+    assert len(rows) >= 20
+    assert not {r["positive_id"] for r in rows} & test_passages
+    assert not {n for r in rows for n in r["negative_ids"]} & test_passages
+    assert all(r["positive_id"] not in r["negative_ids"] for r in rows)
+    report = (run_dir / "evaluate/report.md").read_text()
+    assert "| base |" in report and "| fine-tuned |" in report
+    results = json.loads((run_dir / "evaluate/results.json").read_text())
+    assert set(results["eval_sets"]["synthetic-test"]["models"]) == {"base", "fine-tuned"}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [manifest["stages"][s]["status"] for s in ("generate", "mine", "train", "evaluate")] == ["done"] * 4
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".jsonl", ".toml", ".md", ".tsv"}:
+            assert "sk-secret-test-key" not in path.read_text(errors="ignore"), path
+    calls = len(fake_openai.requests)
+
+    again = run_cli(args, env_extra={"OPENAI_API_KEY": "sk-secret-test-key"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("Skipping: nothing changed") == 4
+    assert len(fake_openai.requests) == calls
