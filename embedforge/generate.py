@@ -38,7 +38,7 @@ STAGE_VERSION = 1
 # Held-out queries also pass the cheap filters, but never the round-trip filter: keeping only
 # test queries the base model already answers would flatter the base model.
 _META_PATTERNS = re.compile(
-    r"^(here (is|are)|sure[,!.]|certainly|as an ai|i'm sorry|i am sorry|i cannot|sorry|note:|the passage|this passage|passage:|query:|search query:|answer:|question:)"
+    r"^(here (is|are)|sure[,!.]|certainly|as an ai|i'm |i am |i cannot|i can't|sorry|note:|what is the output of|you can|yes[,.!]|no[,.!]|the passage|this passage|passage:|query:|search query:|answer:|question:)"
     r"|\b(as an ai|language model)\b|```|^(import|def|class|from|#include|>>>)\b",
     re.IGNORECASE,
 )

@@ -170,8 +170,9 @@ def local_gguf_path() -> Path:
 class LocalChatModel:
     """SmolLM2-135M-Instruct through transformers; concurrent calls are batched into one generate."""
 
-    def __init__(self, batch_size: int = 16, seed: int = 0, device: str | None = None):
+    def __init__(self, batch_size: int = 16, seed: int = 0, device: str | None = None, stop_at_newline: bool = True):
         self.path = local_gguf_path()
+        self.stop_at_newline = stop_at_newline
         self.identity = {"model": self.path.name, "base_url": "local"}
         self.batch_size = batch_size
         self.seed = seed
@@ -191,7 +192,9 @@ class LocalChatModel:
         self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         self._tokenizer.padding_side = "left"  # decoder-only batching pads on the left
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        self._model = model.to(device=device, dtype=_fast_dtype(device)).eval()
+        self._prefix_cache: dict[str, tuple] = {}
 
     async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion:
         future = asyncio.get_running_loop().create_future()
@@ -203,7 +206,9 @@ class LocalChatModel:
     async def _drain(self) -> None:
         await asyncio.sleep(0.01)  # let the other in-flight calls join this batch
         while self._pending:
-            batch, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
+            # Similar lengths in one batch waste less compute on padding.
+            pending = sorted(self._pending, key=lambda item: sum(len(m["content"]) for m in item[0]))
+            batch, self._pending = pending[: self.batch_size], pending[self.batch_size :]
             try:
                 results = await asyncio.to_thread(self._generate, [(m, t, n) for m, t, n, _ in batch])
             except Exception as error:  # every waiting caller gets the error, none is left hanging
@@ -215,41 +220,88 @@ class LocalChatModel:
                 if not future.done():
                     future.set_result(result)
 
+    def _prefix(self, messages: Messages) -> tuple[str, object, object]:
+        """Text, token ids and KV cache of everything before the last user turn (system + few-shot).
+
+        That prefix is the same for every passage, so it is encoded once instead of once per call.
+        """
+        import torch
+
+        text = self._tokenizer.apply_chat_template(messages[:-1], tokenize=False)
+        if text not in self._prefix_cache:
+            ids = self._tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self._model.device)
+            with torch.inference_mode():
+                cache = self._model(ids, use_cache=True).past_key_values
+            self._prefix_cache[text] = (ids, cache)
+        return (text, *self._prefix_cache[text])
+
     def _generate(self, batch: list[tuple[Messages, float, int]]) -> list[Completion]:
+        import copy
+
         import torch
 
         if self._model is None:
             self._load()
         started = time.monotonic()
         texts = [self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages, _, _ in batch]
-        encoded = self._tokenizer(texts, return_tensors="pt", padding=True).to(self._model.device)
+        prefix_text, prefix_ids, prefix_cache = self._prefix(batch[0][0])
+        shared = all(text.startswith(prefix_text) for text in texts) and all(m[:-1] == batch[0][0][:-1] for m, _, _ in batch)
+        size = len(texts)
+        if shared:
+            encoded = self._tokenizer([t[len(prefix_text) :] for t in texts], return_tensors="pt", padding=True, add_special_tokens=False).to(self._model.device)
+            input_ids = torch.cat([prefix_ids.expand(size, -1), encoded["input_ids"]], dim=1)
+            # Padding sits between prefix and suffix; the mask hides it and positions follow the mask.
+            attention_mask = torch.cat([torch.ones_like(prefix_ids).expand(size, -1), encoded["attention_mask"]], dim=1)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(size)
+            extra = {"past_key_values": cache}
+        else:
+            encoded = self._tokenizer(texts, return_tensors="pt", padding=True).to(self._model.device)
+            input_ids, attention_mask, extra = encoded["input_ids"], encoded["attention_mask"], {}
         temperature = batch[0][1]
         max_tokens = max(item[2] for item in batch)
         torch.manual_seed(self.seed)
         with torch.inference_mode():
             output = self._model.generate(
-                **encoded,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 max_new_tokens=max_tokens,
                 do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None,
                 top_p=0.9 if temperature > 0 else None,
                 pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+                # Prompts ask for one query per line; a newline after it ends a sequence early.
+                stop_strings=["\n"] if self.stop_at_newline else None,
+                tokenizer=self._tokenizer,
+                **extra,
             )
-        prompt_length = encoded["input_ids"].shape[1]
+        prompt_length = input_ids.shape[1]
         latency = time.monotonic() - started
         completions = []
-        for row in output:
+        for row, mask in zip(output, attention_mask):
             generated = row[prompt_length:]
-            stopped = bool((generated == self._tokenizer.eos_token_id).any())
+            stopped = bool((generated == self._tokenizer.eos_token_id).any()) or "\n" in self._tokenizer.decode(generated)
             completions.append(
                 Completion(
                     text=self._tokenizer.decode(generated, skip_special_tokens=True),
                     finish_reason="stop" if stopped else "length",
-                    usage={"prompt_tokens": int(encoded["attention_mask"][0].sum()), "completion_tokens": int((generated != self._tokenizer.pad_token_id).sum())},
+                    usage={"prompt_tokens": int(mask.sum()), "completion_tokens": int((generated != self._tokenizer.pad_token_id).sum())},
                     latency=latency,
                 )
             )
         return completions
+
+
+def _fast_dtype(device: str):
+    """bfloat16 where the hardware computes it natively (recent CPUs, most GPUs), else float32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
 
 
 def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int) -> ChatModel:
