@@ -54,7 +54,7 @@ class GenerateConfig(_Frozen):
     min_query_words: int = Field(2, ge=1)
     max_query_words: int = Field(24, ge=1)
     max_copy_overlap: float = Field(0.8, gt=0, le=1, description="reject a query whose tokens are mostly a span of the passage")
-    round_trip_k: int | None = Field(10, ge=1, description="keep a training pair only if the base model ranks its passage this high; empty = off")
+    round_trip_k: int = Field(10, ge=0, description="keep a training pair only if the base model ranks its passage this high; 0 = off")
     dev_fraction: float = Field(0.1, ge=0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     max_dev_queries: int = Field(200, ge=0)

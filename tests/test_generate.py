@@ -65,7 +65,7 @@ class ScriptedLLM:
 
 
 def _config(**changes):
-    values = dict(min_pairs=10, round_trip_k=None, dev_fraction=0.2, test_fraction=0.2, concurrency=4, max_rounds=2)
+    values = dict(min_pairs=10, round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=4, max_rounds=2)
     values.update(changes)
     return GenerateConfig(**values)
 

@@ -1,0 +1,103 @@
+"""The rerun matrix: each run redoes exactly what changed, and `status` says so."""
+
+import shutil
+
+import pytest
+
+from conftest import make_passages, passage_responder, write_corpus
+from embedforge import runs
+from embedforge.config import DEFAULT_PROMPT, load_config
+from embedforge.errors import EmbedforgeError
+from embedforge.llm import Completion
+
+
+class CountingLLM:
+    identity = {"model": "counting", "base_url": "memory"}
+    calls = 0
+
+    async def complete(self, messages, *, temperature, max_tokens):
+        CountingLLM.calls += 1
+        # Like a real model, the answer depends on the prompt: an edited prompt gives other queries.
+        suffix = " care" if "please" in messages[0]["content"] else ""
+        return Completion(text=passage_responder({"messages": messages}) + suffix, finish_reason="stop")
+
+
+def factory(config, seed):
+    return CountingLLM()
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", make_passages())
+    prompt = tmp_path / "prompt.toml"
+    shutil.copyfile(DEFAULT_PROMPT, prompt)
+
+    def make(**changes):
+        values = dict(corpus=corpus, prompt=prompt, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, min_pairs=15,
+                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=200, num_negatives=2)
+        values.update(changes)
+        return load_config(None, values)
+
+    return make
+
+
+def ran(config, **options):
+    lines = []
+    runs.run(config, llm_factory=factory, echo=lines.append, **options)
+    return [line.split(":")[0] for line in lines if ": running" in line]
+
+
+def test_rerun_matrix(run_config, monkeypatch):
+    assert ran(run_config()) == ["generate", "mine", "train", "evaluate"]
+    assert runs.status(run_config()) == {stage: "up to date" for stage in runs.STAGES}
+
+    CountingLLM.calls = 0
+    encodes = []
+    import embedforge.embeddings as embeddings
+
+    original = embeddings.encode_texts
+    monkeypatch.setattr(embeddings, "encode_texts", lambda *a, **k: encodes.append(a[2]) or original(*a, **k))
+    assert ran(run_config()) == []
+    assert CountingLLM.calls == 0 and encodes == []
+
+    assert ran(run_config(concurrency=3, encode_batch_size=7)) == []
+
+    # epochs: train and evaluate; the base model's results on the unchanged eval set come from the cache.
+    assert runs.status(run_config(epochs=2))["train"].startswith("stale (changed: setting epochs")
+    assert ran(run_config(epochs=2)) == ["train", "evaluate"]
+    assert CountingLLM.calls == 0
+
+    # a deleted output reruns its stage; identical outputs leave the later stages alone
+    (run_config().run / "mine" / "stats.json").unlink()
+    assert runs.status(run_config(epochs=2))["mine"] == "stale (output missing: mine/stats.json)"
+    assert ran(run_config(epochs=2)) == ["mine"]
+
+    # editing the prompt reruns generate and everything downstream
+    prompt = run_config().generate.prompt
+    prompt.write_text(prompt.read_text().replace("Use your own words.", "Use your own words, please."))
+    assert runs.status(run_config(epochs=2))["generate"].startswith("stale (changed: input")
+    assert ran(run_config(epochs=2)) == ["generate", "mine", "train", "evaluate"]
+    assert CountingLLM.calls > 0
+
+    # --force, --from, --to and --dry-run
+    assert ran(run_config(epochs=2), force=("mine",)) == ["mine"]
+    assert ran(run_config(epochs=2), from_stage="train", to_stage="train") == ["train"]
+    lines = []
+    runs.run(run_config(epochs=3), llm_factory=factory, echo=lines.append, dry_run=True)
+    assert "train: would run (changed: setting epochs)" in lines and "evaluate: would run (after train)" in lines
+    assert runs.status(run_config(epochs=3))["train"].startswith("stale")
+
+
+def test_failed_stage_is_recorded_and_leaves_no_partial_output(run_config):
+    class Broken:
+        identity = {"model": "broken", "base_url": "memory"}
+
+        async def complete(self, messages, *, temperature, max_tokens):
+            raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
+
+    config = run_config()
+    with pytest.raises(EmbedforgeError):
+        runs.run(config, llm_factory=lambda c, s: Broken(), echo=lambda line: None)
+    assert runs.status(config)["generate"] == "failed last time"
+    assert not (config.run / "generate" / "queries.jsonl").exists()
+    assert not list(config.run.rglob("*.tmp"))
