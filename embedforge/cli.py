@@ -164,8 +164,12 @@ def status(run_dir: Path = typer.Option(..., "--run", help="the run directory"),
 
 
 def main() -> None:
+    from embedforge.generate import BatchExported
+
     try:
         app()
+    except BatchExported as error:
+        typer.echo(error.message)
     except EmbedforgeError as error:
         typer.echo(f"error: {error.message}", err=True)
         sys.exit(1)

@@ -24,7 +24,7 @@ DEFAULT_PROMPT = PROMPTS_DIR / "question.toml"
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 LOCAL_LLM = "SmolLM2-135M-Instruct"
 
-RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "device", "progress"}
+RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "max_attempts", "export_batch", "import_batch"}
 
 
 class _Frozen(BaseModel):
@@ -43,12 +43,23 @@ class CorpusConfig(_Frozen):
 class GenerateConfig(_Frozen):
     prompt: Path = DEFAULT_PROMPT
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint; empty = the local model")
-    llm_model: str = LOCAL_LLM
+    llm_model: str = Field(LOCAL_LLM, description="model name at the endpoint; 'none' = no LLM, only imported --queries")
     api_key_env: str = "OPENAI_API_KEY"
     min_pairs: int = Field(1000, ge=1)
     queries_per_passage: int = Field(1, ge=1, le=20)
     max_rounds: int = Field(4, ge=1)
-    max_requests: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1, description="stop after this many new LLM calls")
+    max_cost: float | None = Field(None, gt=0, description="stop once new calls cost this many USD (from token usage and the prices below; calls in flight finish)")
+    price_input_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens, for cost totals and max_cost")
+    price_output_per_million: float = Field(0.0, ge=0, description="USD per million completion tokens")
+    response_format: Literal["auto", "json_schema", "json_object", "text"] = Field(
+        "auto", description="auto: JSON schema where the endpoint accepts it, else JSON mode, else text (the local model: text)"
+    )
+    max_reasks: int = Field(2, ge=0, description="re-ask a passage whose answer could not be parsed, at most this many times")
+    examples: Path | None = Field(None, description="file of real user queries (one per line, or JSONL with 'text'), shown to the LLM for style")
+    queries: Path | None = Field(None, description="existing pairs to import: JSONL of query + passage_id, or a BEIR folder (queries + qrels/train.tsv)")
+    export_batch: Path | None = Field(None, description="write the pending requests as OpenAI Batch API JSONL and stop")
+    import_batch: Path | None = Field(None, description="load OpenAI Batch API results into the request ledger before generating")
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(32, ge=4)
     min_query_words: int = Field(2, ge=1)

@@ -37,7 +37,7 @@ class ChatModel(Protocol):
 
     identity: dict[str, str]
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion: ...
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion: ...
 
 
 def strip_credentials(url: str) -> str:
@@ -78,6 +78,28 @@ def _retry_after_seconds(error: BaseException | None) -> float | None:
         return None
 
 
+_FORMATS = ("json_schema", "json_object", "text")
+_FORMAT_PAYLOADS = {
+    "json_schema": {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "queries",
+            "strict": True,
+            "schema": {"type": "object", "properties": {"queries": {"type": "array", "items": {"type": "string"}}}, "required": ["queries"], "additionalProperties": False},
+        },
+    },
+    "json_object": {"type": "json_object"},
+}
+
+
+def _with_format(messages: Messages, mode: str) -> Messages:
+    """JSON modes need the word JSON in the instructions (OpenAI rejects json_object without it)."""
+    if mode == "text":
+        return messages
+    hint = '\n\nAnswer in JSON: {"queries": ["...", ...]}.'
+    return [{**messages[0], "content": messages[0]["content"] + hint}, *messages[1:]]
+
+
 class OpenAIChatModel:
     """Any OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp server, LM Studio)."""
 
@@ -90,6 +112,7 @@ class OpenAIChatModel:
         self.max_wait = max_wait
         # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+        self._accepted_format: str | None = None
 
     def _wait(self, retry_state: Any) -> float:
         from tenacity import wait_random_exponential
@@ -100,12 +123,33 @@ class OpenAIChatModel:
             return min(retry_after, self.max_wait)
         return wait_random_exponential(multiplier=0.5, max=self.max_wait)(retry_state)
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion:
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion:
+        """One answer. `response_format` auto tries a JSON schema, then JSON mode, then text, remembering what the endpoint accepts."""
+        import openai
+
+        modes = {"auto": _FORMATS, "json_schema": ("json_schema",), "json_object": ("json_object",), "text": ("text",)}[response_format]
+        if response_format == "auto" and self._accepted_format:
+            modes = _FORMATS[_FORMATS.index(self._accepted_format) :]
+        for mode in modes:
+            try:
+                completion = await self._complete(_with_format(messages, mode), temperature, max_tokens, mode)
+            except EmbedforgeError as error:
+                cause = error.__cause__
+                rejected_format = isinstance(cause, openai.BadRequestError) and any(word in str(cause).lower() for word in ("response_format", "json_schema", "json_object", "json mode"))
+                if rejected_format and mode != modes[-1]:
+                    continue
+                raise
+            self._accepted_format = mode
+            return completion
+        raise AssertionError("unreachable")
+
+    async def _complete(self, messages: Messages, temperature: float, max_tokens: int, mode: str) -> Completion:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
         started = time.monotonic()
         attempts = 0
+        extra = {"response_format": _FORMAT_PAYLOADS[mode]} if mode != "text" else {}
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop_after_attempt(self.max_attempts), reraise=True
@@ -113,7 +157,7 @@ class OpenAIChatModel:
                 with attempt:
                     attempts += 1
                     response = await self._client.chat.completions.create(
-                        model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
+                        model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens, **extra
                     )
                     if not hasattr(response, "choices"):
                         raise _MalformedBody(str(response)[:200])
@@ -196,7 +240,8 @@ class LocalChatModel:
         self._model = model.to(device=device, dtype=_fast_dtype(device)).eval()
         self._prefix_cache: dict[str, tuple] = {}
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int) -> Completion:
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion:
+        # A 135M model writes better plain lines than JSON: the local model always answers in text.
         future = asyncio.get_running_loop().create_future()
         self._pending.append((messages, temperature, max_tokens, future))
         if self._worker is None or self._worker.done():

@@ -83,10 +83,16 @@ def load_prompt(path: Path) -> Prompt:
     return Prompt(path=path, sha256=sha256_file(path), system=data["system"], user=data["user"], examples=tuple(examples))
 
 
-def render_messages(prompt: Prompt, passage: str, title: str, n: int, delimiter: str) -> list[dict[str, str]]:
-    """Chat messages for one passage: system instructions, few-shot turns, then the passage."""
+def render_messages(prompt: Prompt, passage: str, title: str, n: int, delimiter: str, user_queries: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Chat messages for one passage: system instructions, few-shot turns, then the passage.
+
+    `user_queries` (real queries from the users of this collection) are shown for style only.
+    """
     values = {"n": str(n), "delimiter": delimiter, "title": title}
-    messages = [{"role": "system", "content": string.Template(prompt.system).substitute(values, passage="")}]
+    system = string.Template(prompt.system).substitute(values, passage="")
+    if user_queries:
+        system += "\n\nReal queries from users of this collection, for style only:\n" + "\n".join(f"- {q}" for q in user_queries)
+    messages = [{"role": "system", "content": system}]
     for example_passage, answer in prompt.examples:
         messages.append({"role": "user", "content": string.Template(prompt.user).substitute(values, passage=example_passage, title="")})
         messages.append({"role": "assistant", "content": answer})

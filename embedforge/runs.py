@@ -29,6 +29,7 @@ from embedforge import train as train_stage
 from embedforge.config import RunConfig, fingerprint_fields
 from embedforge.corpus import load_corpus, split_of
 from embedforge.errors import EmbedforgeError
+from embedforge.llm import strip_credentials
 from embedforge.files import iter_jsonl, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl, write_text
 
 STAGES = ("generate", "mine", "train", "evaluate")
@@ -65,6 +66,8 @@ def _toml_value(value) -> str:
 def config_toml(config: RunConfig) -> str:
     """The resolved configuration as TOML (None values are left out: TOML has no null)."""
     data = config.model_dump(mode="json")
+    if data["generate"].get("base_url"):
+        data["generate"]["base_url"] = strip_credentials(data["generate"]["base_url"])
     lines = ["# Resolved configuration of this run (written by embedforge; API keys are never stored)."]
     lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict) and value is not None]
     for section, values in data.items():
@@ -168,8 +171,12 @@ class Run:
         shared = {"seed": config.seed, "base_model": self.base_identity}
         eval_files = ["generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv"]
         if stage == "generate":
-            settings = {key: value for key, value in fingerprint_fields(config.generate).items() if key != "prompt"}
-            plan = StagePlan(stage, self.hash_inputs([self.dir / "corpus.jsonl", config.generate.prompt]), {**settings, **shared},
+            # Files are inputs: their contents count, not where they are.
+            files = [self.dir / "corpus.jsonl", config.generate.prompt] + [path for path in (config.generate.examples, config.generate.queries) if path]
+            settings = {key: value for key, value in fingerprint_fields(config.generate).items() if key not in ("prompt", "examples", "queries")}
+            if settings.get("base_url"):
+                settings["base_url"] = strip_credentials(settings["base_url"])  # never a secret in the manifest
+            plan = StagePlan(stage, self.hash_inputs(files), {**settings, **shared},
                              ["generate/queries.jsonl", "generate/rejects.jsonl", *eval_files])
         elif stage == "mine":
             plan = StagePlan(stage, self.hash_inputs([self.dir / "corpus.jsonl", self.dir / "generate/queries.jsonl"]),
@@ -223,7 +230,7 @@ class Run:
         prompt = load_prompt(config.prompt)  # validated before any model is loaded
         if self.llm_factory is None:
             raise EmbedforgeError("No LLM is configured", where="generate", fix="pass --base-url, or install the local model with `make setup`")
-        llm = self.llm_factory(config, self.config.seed)
+        llm = None if config.llm_model == "none" else self.llm_factory(config, self.config.seed)
 
         def round_trip(queries: list[str], passage_ids: list[str]) -> list[int]:
             scores, indices = self.base_embeddings.search(self.encode_queries(queries), config.round_trip_k)
@@ -310,6 +317,8 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
         started = time.time()
         try:
             stats = pipeline.execute(plan)
+        except generate_stage.BatchExported:
+            raise  # not a failure: the stage waits for the batch results
         except BaseException as error:
             pipeline.record(plan, {"status": "failed", "error": f"{type(error).__name__}: {error}"[:500], "fingerprint": plan.fingerprint,
                                    "inputs": plan.inputs, "config": plan.config, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

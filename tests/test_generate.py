@@ -56,7 +56,7 @@ class ScriptedLLM:
         self.calls = 0
         self.answer = answer or (lambda passage, call: f"what about {passage.split()[1]} {passage.split()[4]} history")
 
-    async def complete(self, messages, *, temperature, max_tokens):
+    async def complete(self, messages, *, temperature, max_tokens, response_format="text"):
         self.calls += 1
         content = messages[-1]["content"].splitlines()
         passage = "\n".join(line for line in content if not line.startswith("####") and line != "Passage:")
@@ -122,3 +122,94 @@ def test_injection_passage_cannot_produce_accepted_output(tmp_path):
         generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=1, max_rounds=1), ScriptedLLM(obedient), seed=0)
     rejects = read_jsonl(tmp_path.parent / tmp_path.name / "requests.jsonl")
     assert rejects  # calls were made and kept, but nothing was accepted
+
+
+def test_malformed_answer_is_reasked_then_rejected(tmp_path):
+    answers = {}
+
+    def flaky(passage, call):  # the first answer for each passage is empty, the re-ask succeeds
+        answers[passage] = answers.get(passage, 0) + 1
+        return "" if answers[passage] == 1 else f"what about {passage.split()[1]} {passage.split()[4]} history"
+
+    llm = ScriptedLLM(flaky)
+    stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=10), llm, seed=0)
+    assert stats["accepted"]["train"] >= 10 and "empty_or_unparseable" not in stats["rejected"]
+    assert {row["reask"] for row in read_jsonl(tmp_path / "requests.jsonl")} == {0, 1}
+
+    never = ScriptedLLM(lambda passage, call: "")
+    with pytest.raises(EmbedforgeError):
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "never", _config(min_pairs=1, max_rounds=1, max_reasks=2), never, seed=0)
+    assert never.calls == 3 * 40  # every passage asked once and re-asked twice (held-out included)
+
+
+def test_cost_budget_stops_generation(tmp_path):
+    llm = ScriptedLLM()  # 10 prompt + 5 completion tokens per call
+    config = _config(min_pairs=1000, max_cost=0.001, price_input_per_million=10.0, price_output_per_million=20.0, concurrency=1)
+    with pytest.raises(EmbedforgeError, match="max_cost"):
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, config, llm, seed=0)
+    # each call costs 10*10e-6 + 5*20e-6 = 0.0002 USD: the budget allows 5 calls (calls already in flight may overshoot)
+    assert llm.calls == 5
+
+
+def test_imported_pairs_join_and_can_replace_the_llm(tmp_path):
+    passages = make_passages()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"question about {p['title']}", "passage_id": p["_id"]}) + "\n" for p in passages)
+                     + json.dumps({"query": "shared question", "passage_id": "doc001"}) + "\n"
+                     + json.dumps({"query": "shared question", "passage_id": "doc002"}) + "\n"
+                     + json.dumps({"query": "unknown", "passage_id": "nope"}) + "\n")
+    config = _config(min_pairs=5, queries=pairs, llm_model="none")
+    stats = generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / "out", config, None, seed=0)
+    assert stats["calls_made"] == 0 and stats["rejected"] == {"import_unknown_passage": 1}
+    queries = read_jsonl(tmp_path / "out" / "queries.jsonl")
+    assert len(queries) == 42 and all(q["_id"].split("-i")[0] == q["passage_id"] for q in queries)
+
+
+def test_examples_file_reaches_the_system_message(tmp_path):
+    examples = tmp_path / "examples.txt"
+    examples.write_text("real user question one\nreal user question two\n")
+    seen = []
+
+    class Recording(ScriptedLLM):
+        async def complete(self, messages, **options):
+            seen.append(messages[0]["content"])
+            return await super().complete(messages, **options)
+
+    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "out", _config(examples=examples), Recording(), seed=0)
+    assert all("real user question two" in system for system in seen)
+
+
+def test_batch_export_then_import(tmp_path):
+    batch = tmp_path / "batch.jsonl"
+    with pytest.raises(EmbedforgeError, match="Batch API") as caught:
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "out", _config(export_batch=batch), ScriptedLLM(), seed=0)
+    assert type(caught.value).__name__ == "BatchExported"
+    requests = read_jsonl(batch)
+    assert len(requests) == 40 and requests[0]["url"] == "/v1/chat/completions"
+    results = tmp_path / "results.jsonl"
+    with results.open("w") as handle:
+        for request in requests:
+            passage = "\n".join(l for l in request["body"]["messages"][-1]["content"].splitlines() if not l.startswith("####") and l != "Passage:")
+            body = {"choices": [{"message": {"content": f"what about {passage.split()[1]} {passage.split()[4]} history"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+            handle.write(json.dumps({"custom_id": request["custom_id"], "response": {"status_code": 200, "body": body}}) + "\n")
+    llm = ScriptedLLM()
+    stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "out", _config(min_pairs=10, import_batch=results), llm, seed=0)
+    assert stats["imported_answers"] == 40 and llm.calls == 0 and stats["accepted"]["train"] >= 10
+
+
+def test_structured_output_falls_back_when_the_endpoint_refuses(fake_openai):
+    from embedforge.llm import OpenAIChatModel
+    from fake_openai import Fault
+
+    fake_openai.script(Fault.status(400, message="response_format json_schema is not supported"), Fault.status(400, message="json_object response_format unsupported"), '{"queries": ["a b c"]}')
+    model = OpenAIChatModel(fake_openai.base_url, "m", api_key="k", max_attempts=1)
+
+    async def twice():
+        first = await model.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], temperature=0, max_tokens=8, response_format="auto")
+        second = await model.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], temperature=0, max_tokens=8, response_format="auto")
+        return first, second
+
+    first, second = asyncio.run(twice())
+    assert parse_queries(first.text, 3) == ["a b c"]
+    formats = [request.get("response_format", {}).get("type") for request in fake_openai.requests]
+    assert formats == ["json_schema", "json_object", None, None]  # text is remembered for the second call
