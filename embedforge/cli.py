@@ -55,7 +55,7 @@ def config_parameters() -> list[inspect.Parameter]:
 
 def with_config_flags(function):
     """Add every config field as a flag; the wrapped function gets `overrides` (field -> value or None)."""
-    own = list(inspect.signature(function).parameters.values())
+    own = list(inspect.signature(function, eval_str=True).parameters.values())
     own = [p for p in own if p.name != "overrides"]
 
     def wrapper(**kwargs):
@@ -135,19 +135,36 @@ def train(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
 @with_config_flags
 def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
              model: Optional[list[str]] = typer.Option(None, "--model", help="standalone mode: a model to evaluate (repeatable; the first is the reference)"),
-             out: Optional[Path] = typer.Option(None, "--out", help="standalone mode: where to write results.json and report.md")) -> None:
+             out: Optional[Path] = typer.Option(None, "--out", help="standalone mode: where to write results.json, report.md and report.png"),
+             decide: bool = typer.Option(False, "--decide", help="recommend off-the-shelf / generate more data first / fine-tune / fine-tune + hybrid retrieval from the run's evaluation (needs --target)"),
+             target: Optional[float] = typer.Option(None, "--target", help="with --decide: the NDCG@10 the application needs, e.g. 0.55")) -> None:
     """Stage 4: compare base and fine-tuned models; or, with --model and --out, evaluate models on --eval-set folders."""
+    from embedforge import evaluate as evaluate_stage
+
+    if decide:
+        # Reads the run's finished evaluation; it never starts the (possibly long) pipeline itself.
+        if target is None or not 0 < target <= 1:
+            raise EmbedforgeError("--decide needs --target, the NDCG@10 to reach (between 0 and 1)", where="embedforge evaluate --decide", fix="add e.g. --target 0.55")
+        if model:
+            raise EmbedforgeError("--decide works on a run directory, not on standalone --model evaluations", where="embedforge evaluate --decide", fix="pass --run DIR instead of --model")
+        _setup_logging()
+        config = load_config(config_file, overrides)
+        decision = evaluate_stage.decide_for_run(config.run, target, batch_size=config.encode_batch_size, seed=config.seed)
+        typer.echo(decision.render())
+        return
     if not model:
         _pipeline(overrides, config_file, to_stage="evaluate")
         return
-    from embedforge import evaluate as evaluate_stage
-
     _setup_logging()
     config = load_config(config_file, overrides)
     if out is None or not config.evaluate.eval_set:
         raise EmbedforgeError("Standalone evaluation needs --eval-set DIR and --out DIR", where="embedforge evaluate --model", fix="add --eval-set and --out")
     eval_sets = [evaluate_stage.load_beir(folder) for folder in config.evaluate.eval_set]
     labels = [Path(name).name if Path(name).exists() else name for name in model]
+    # A folder's name is a readable label; folders with the same name (run1/model, run2/model) keep their paths.
+    labels = [label if labels.count(label) == 1 else name for label, name in zip(labels, model)]
+    if len(set(labels)) != len(labels):
+        raise EmbedforgeError("The same model is given twice", where="--model", fix="pass each model once")
     evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
@@ -161,6 +178,25 @@ def status(run_dir: Path = typer.Option(..., "--run", help="the run directory"),
     config = load_config(config_path if config_path.exists() else None, {"run": run_dir})
     for stage, state in runs.status(config).items():
         typer.echo(f"{stage:9} {state}")
+
+
+@app.command()
+def init(directory: Path = typer.Argument(Path("."), help="where to write embedforge.toml and prompts/")) -> None:
+    """Write a commented embedforge.toml and a copy of the shipped prompts to edit."""
+    import shutil
+
+    from embedforge.config import PROMPTS_DIR, commented_toml
+    from embedforge.files import write_text
+
+    target = directory / "embedforge.toml"
+    if target.exists():
+        raise EmbedforgeError("embedforge.toml already exists", where=str(target), fix="edit it, or choose another directory")
+    (directory / "prompts").mkdir(parents=True, exist_ok=True)
+    for prompt in sorted(PROMPTS_DIR.glob("*.toml")):
+        if not (directory / "prompts" / prompt.name).exists():
+            shutil.copyfile(prompt, directory / "prompts" / prompt.name)
+    write_text(target, commented_toml("prompts/question.toml"))
+    typer.echo(f"Wrote {target} and {directory / 'prompts'}/. Edit them, then: embedforge run --config {target}")
 
 
 def main() -> None:

@@ -173,7 +173,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("run", "cache"):
         if key in data:
             data[key] = resolve(data[key])
-    for section, key in (("corpus", "corpus"), ("generate", "prompt")):
+    path_keys = [("corpus", "corpus")] + [("generate", key) for key in ("prompt", "examples", "queries", "export_batch", "import_batch")]
+    for section, key in path_keys:
         if key in data.get(section, {}):
             data[section][key] = resolve(data[section][key])
     if "eval_set" in data.get("evaluate", {}):
@@ -184,3 +185,43 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 def fingerprint_fields(config: BaseModel) -> dict[str, Any]:
     """The config as JSON, minus fields that change speed but never results."""
     return {key: value for key, value in config.model_dump(mode="json").items() if key not in RUNTIME_ONLY}
+
+
+def toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(item) for item in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def commented_toml(prompt_path: str = "prompts/question.toml") -> str:
+    """A starting `embedforge.toml`: every key with its default and meaning; unset keys commented out."""
+    lines = [
+        "# embedforge configuration. Every key is also a command-line flag of the same name",
+        "# (min_pairs <-> --min-pairs); flags override this file. Paths are relative to this file.",
+        "# The API key is never stored here: it is read from the environment variable named by api_key_env.",
+        "",
+    ]
+
+    def emit(model_fields: dict, defaults: BaseModel) -> None:
+        for name, info in model_fields.items():
+            if isinstance(getattr(defaults, name), BaseModel):
+                continue  # a section, emitted below
+            value = getattr(defaults, name)
+            if name == "prompt":
+                value = prompt_path
+            if info.description:
+                lines.append(f"# {info.description}")
+            if value is None or (isinstance(value, tuple) and not value):
+                lines.append(f"# {name} = ...")
+            else:
+                lines.append(f"{name} = {toml_literal(value)}")
+
+    emit(RunConfig.model_fields, RunConfig())
+    for section in SECTIONS:
+        lines += ["", f"[{section}]"]
+        emit(RunConfig.model_fields[section].annotation.model_fields, getattr(RunConfig(), section))
+    return "\n".join(lines) + "\n"

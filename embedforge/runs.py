@@ -26,7 +26,7 @@ from embedforge import evaluate as evaluate_stage
 from embedforge import generate as generate_stage
 from embedforge import mine as mine_stage
 from embedforge import train as train_stage
-from embedforge.config import RunConfig, fingerprint_fields
+from embedforge.config import RunConfig, fingerprint_fields, toml_literal
 from embedforge.corpus import load_corpus, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
@@ -53,27 +53,17 @@ def versions() -> dict[str, str]:
     return found
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def config_toml(config: RunConfig) -> str:
     """The resolved configuration as TOML (None values are left out: TOML has no null)."""
     data = config.model_dump(mode="json")
     if data["generate"].get("base_url"):
         data["generate"]["base_url"] = strip_credentials(data["generate"]["base_url"])
     lines = ["# Resolved configuration of this run (written by embedforge; API keys are never stored)."]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in data.items() if not isinstance(value, dict) and value is not None]
+    lines += [f"{key} = {toml_literal(value)}" for key, value in data.items() if not isinstance(value, dict) and value is not None]
     for section, values in data.items():
         if isinstance(values, dict):
             lines += ["", f"[{section}]"]
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+            lines += [f"{key} = {toml_literal(value)}" for key, value in values.items() if value is not None]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,59 @@
+"""Eval sets in BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from embedforge.errors import EmbedforgeError
+from embedforge.files import iter_jsonl, sha256_file, sha256_json
+
+
+@dataclass
+class EvalSet:
+    name: str
+    source: str  # where the queries come from, for the report
+    passages: list[dict]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    sha256: str
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as error:
+        raise EmbedforgeError("Qrels file not found", where=str(path), fix="an eval set needs qrels/test.tsv (query-id, corpus-id, score)") from error
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("\t")
+        if not line.strip() or (number == 1 and not fields[-1].strip().lstrip("-").isdigit()):
+            continue  # blank lines and the header
+        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
+            raise EmbedforgeError("Qrels lines need three tab-separated fields: query-id, corpus-id, integer score", where=f"{path}, line {number}", fix="fix that line")
+        qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
+    return qrels
+
+
+def load_beir(folder: Path, split: str = "test", passages: list[dict] | None = None, name: str | None = None, source: str | None = None) -> EvalSet:
+    """A BEIR folder; `passages` replaces its corpus.jsonl (the run's held-out set uses the run corpus)."""
+    folder = Path(folder)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not folder.is_dir():
+        raise EmbedforgeError("Eval set folder not found", where=str(folder), fix="pass --eval-set with a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    if passages is None:
+        passages = [{"_id": str(row["_id"]), "title": row.get("title") or "", "text": row.get("text") or ""} for row in iter_jsonl(folder / "corpus.jsonl")]
+    qrels = read_qrels(qrels_path)
+    queries = {str(row["_id"]): row["text"] for row in iter_jsonl(folder / "queries.jsonl") if str(row["_id"]) in qrels}
+    qrels = {query: {doc: grade for doc, grade in docs.items() if grade > 0} for query, docs in qrels.items() if query in queries}
+    qrels = {query: docs for query, docs in qrels.items() if docs}
+    if not qrels:
+        raise EmbedforgeError(f"No query with a relevant passage in qrels/{split}.tsv", where=str(folder), fix="check that query ids match queries.jsonl")
+    digest = sha256_json({"corpus": sha256_json([[p["_id"], p.get("title", ""), p["text"]] for p in passages]), "queries": queries, "qrels": qrels})
+    return EvalSet(name=name or folder.name, source=source or f"{folder} (qrels/{split}.tsv)", passages=passages, queries={q: queries[q] for q in qrels}, qrels=qrels, sha256=digest)
+
+
+def eval_set_files(folder: Path, split: str = "test") -> dict[str, str]:
+    """The files of a BEIR eval set and their hashes: the inputs of a fingerprint."""
+    folder = Path(folder)
+    return {str(folder / name): sha256_file(folder / name) for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if (folder / name).exists()}

@@ -1,0 +1,74 @@
+"""Ranked lists per query, dense (a SentenceTransformer + FAISS) or lexical (BM25), cached per model.
+
+A cached result holds the per-query metrics (binary and graded) and the ranked top-100 ids, so the
+report's "gained most / lost most" examples can be rebuilt from the cache without a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from embedforge.evaluate.data import EvalSet
+from embedforge.evaluate.metrics import ir_metrics
+from embedforge.files import read_json, sha256_json, write_json
+
+METRICS_VERSION = 2  # 2: cached results carry the ranked lists
+TOP_K = 100
+
+# The lexical reference. Lucene's defaults (k1 1.2-1.5, b 0.75) and its 33-word English stopword
+# list, as Pyserini's BM25 "flat" baseline; no stemmer, so nothing beyond bm25s itself is needed.
+BM25_MODEL = "bm25"
+BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "stemmer": None}
+
+
+def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int) -> dict[str, list[str]]:
+    from embedforge.embeddings import corpus_embeddings, encode_texts, load_model
+
+    model = load_model(model_name)
+    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model)
+    query_ids = list(eval_set.queries)
+    query_vectors = encode_texts(model, [eval_set.queries[q] for q in query_ids], batch_size, kind="query")
+    _, indices = embeddings.search(query_vectors, TOP_K)
+    return {query: [embeddings.ids[i] for i in row if i >= 0] for query, row in zip(query_ids, indices)}
+
+
+def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
+    """BM25 over title + text (the same passage text the dense models encode)."""
+    import bm25s
+
+    from embedforge.embeddings import passage_text
+
+    tokenize = {"stopwords": BM25_SETTINGS["stopwords"], "stemmer": None, "show_progress": False}
+    retriever = bm25s.BM25(k1=BM25_SETTINGS["k1"], b=BM25_SETTINGS["b"], method=BM25_SETTINGS["method"])
+    retriever.index(bm25s.tokenize([passage_text(p) for p in eval_set.passages], **tokenize), show_progress=False)
+    query_ids = list(eval_set.queries)
+    query_tokens = bm25s.tokenize([eval_set.queries[q] for q in query_ids], return_ids=False, **tokenize)
+    documents, scores = retriever.retrieve(query_tokens, k=min(k, len(eval_set.passages)), show_progress=False)
+    ids = [p["_id"] for p in eval_set.passages]
+    # A passage sharing no term with the query scores 0: it was not retrieved, and the order among
+    # such passages is arbitrary, so it is left out rather than ranked.
+    return {query: [ids[d] for d, s in zip(row, row_scores) if s > 0] for query, row, row_scores in zip(query_ids, documents, scores)}
+
+
+def result_key(model_name: str, eval_set: EvalSet) -> str:
+    if model_name == BM25_MODEL:
+        import bm25s
+
+        identity = f"bm25s-{bm25s.__version__}:" + sha256_json(BM25_SETTINGS)
+    else:
+        from embedforge.embeddings import model_identity
+
+        identity = model_identity(model_name)
+    return sha256_json({"model": identity, "eval_set": eval_set.sha256, "metrics": METRICS_VERSION, "top_k": TOP_K})
+
+
+def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64) -> dict:
+    """{"binary": per-query metrics, "graded": per-query metrics, "ranked": top-100 ids per query}, cached by content."""
+    path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set)}.json" if cache_dir else None
+    if path and path.exists():
+        return read_json(path)
+    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size)
+    result = {"binary": ir_metrics(ranked, eval_set.qrels), "graded": ir_metrics(ranked, eval_set.qrels, graded=True), "ranked": ranked}
+    if path:
+        write_json(path, result)
+    return result

@@ -1,0 +1,129 @@
+"""compare(): every model on every eval set against the reference; evaluate(): the stage's files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from embedforge.evaluate.data import EvalSet
+from embedforge.evaluate.leaks import contamination
+from embedforge.evaluate.metrics import paired_bootstrap, randomization_p_value, verdict
+from embedforge.evaluate.report import render_chart, render_report
+from embedforge.evaluate.retrieval import BM25_MODEL, METRICS_VERSION, evaluate_model
+from embedforge.files import write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = 2  # 2: BM25 row, contamination check, report.png, biggest per-query changes
+HEADLINE = ("ndcg@10", "recall@10", "recall@100", "mrr@10")  # compared with CIs and p-values
+CHANGES_SHOWN = 5
+
+
+def _mean(per_query: dict[str, float]) -> float:
+    return float(np.mean(list(per_query.values()))) if per_query else 0.0
+
+
+def _rounded(per_query: dict[str, float]) -> dict[str, float]:
+    return {query: round(value, 6) for query, value in per_query.items()}
+
+
+def versus_reference(reference: dict, result: dict, resamples: int, seed: int) -> dict:
+    """Paired bootstrap 95% CI, randomization p-value and verdict (both must agree) of the mean difference, per headline metric."""
+    comparison = {}
+    for metric in HEADLINE:
+        query_ids = list(reference["binary"][metric])
+        differences = np.array([result["binary"][metric][q] - reference["binary"][metric][q] for q in query_ids])
+        low, high = paired_bootstrap(differences, resamples, seed)
+        p_value = randomization_p_value(differences, resamples, seed)
+        comparison[metric] = {
+            "delta": round(float(differences.mean()), 6),
+            "ci95": [round(low, 6), round(high, 6)],
+            "p_value": round(p_value, 6),
+            "verdict": verdict(low, high, p_value),
+        }
+    return comparison
+
+
+def biggest_changes(eval_set: EvalSet, reference: dict, result: dict, count: int = CHANGES_SHOWN) -> dict:
+    """The queries whose NDCG@10 rose most and fell most against the reference, with both top-3 lists."""
+    before, after = reference["binary"]["ndcg@10"], result["binary"]["ndcg@10"]
+    deltas = {query: after[query] - before[query] for query in eval_set.queries}
+
+    def row(query: str) -> dict:
+        shown = reference["ranked"].get(query, [])[:3] + result["ranked"].get(query, [])[:3]
+        return {
+            "query_id": query, "query": eval_set.queries[query], "delta": round(deltas[query], 6),
+            "reference_ndcg@10": round(before[query], 6), "model_ndcg@10": round(after[query], 6),
+            "reference_top3": reference["ranked"].get(query, [])[:3], "model_top3": result["ranked"].get(query, [])[:3],
+            "relevant_shown": sorted({doc for doc in shown if doc in eval_set.qrels[query]}),
+        }
+
+    gained = sorted((q for q in deltas if deltas[q] > 0), key=lambda q: (-deltas[q], q))[:count]
+    lost = sorted((q for q in deltas if deltas[q] < 0), key=lambda q: (deltas[q], q))[:count]
+    return {"gained": [row(q) for q in gained], "lost": [row(q) for q in lost]}
+
+
+def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: Path | None, resamples: int = 10_000, seed: int = 0,
+            batch_size: int = 64, train_rows: list[dict] | None = None) -> dict:
+    """Results for every (eval set, model); the first model is the reference for deltas and CIs.
+
+    `models` are (label, model name or path) pairs; the name "bm25" is the BM25 lexical reference.
+    """
+    labels = [label for label, _ in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique: {labels}")
+    reference_label = labels[0]
+    results = {"reference": reference_label, "metrics_version": METRICS_VERSION, "eval_sets": {}}
+    for eval_set in eval_sets:
+        graded = any(grade > 1 for docs in eval_set.qrels.values() for grade in docs.values())
+        check = contamination(train_rows, eval_set) if train_rows is not None else None
+        if check is not None and not check["clean"]:
+            logger.warning("CONTAMINATION in %s: %d shared query texts, %d shared positives", eval_set.name, check["shared_query_texts"], check["shared_positives"])
+        entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
+                 "contamination": check, "models": {}}
+        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size) for label, name in models}
+        reference = per_model[reference_label]
+        for label, model_name in models:
+            result = per_model[label]
+            scores = {name: round(_mean(values), 6) for name, values in result["binary"].items()}
+            scores.update({f"graded_{name}": round(_mean(values), 6) for name, values in result["graded"].items() if name.startswith("ndcg")})
+            # The chart's whiskers: a bootstrap over queries of this model's own mean NDCG@10.
+            low, high = paired_bootstrap(np.array(list(result["binary"]["ndcg@10"].values())), resamples, seed)
+            per_query = {name: _rounded(values) for name, values in result["binary"].items()}
+            per_query.update({f"graded_{name}": _rounded(values) for name, values in result["graded"].items() if name.startswith("ndcg")})
+            model_entry = {"model": model_name, "scores": scores, "ci95": {"ndcg@10": [round(low, 6), round(high, 6)]}, "per_query": per_query}
+            if label != reference_label:
+                model_entry["versus_reference"] = versus_reference(reference, result, resamples, seed)
+                if model_name != BM25_MODEL:  # the examples are about what fine-tuning changed
+                    model_entry["changes"] = biggest_changes(eval_set, reference, result)
+            entry["models"][label] = model_entry
+        results["eval_sets"][eval_set.name] = entry
+    return results
+
+
+def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
+             batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None) -> dict:
+    """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
+
+    With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
+    `train_rows` (mine/train.jsonl), each eval set is checked for test data among the training pairs.
+    """
+    out_dir = Path(out_dir)
+    models = list(models)
+    if bm25 and all(name != BM25_MODEL and label != "bm25" for label, name in models):
+        models.append(("bm25", BM25_MODEL))
+    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows)
+    results["notes"] = notes or []
+    render_chart(results, out_dir / "report.png")
+    write_text(out_dir / "report.md", render_report(results, notes))
+    write_json(out_dir / "results.json", results)
+    summary = {}
+    for name, entry in results["eval_sets"].items():
+        for label, model in entry["models"].items():
+            summary[f"{name}/{label}/ndcg@10"] = model["scores"]["ndcg@10"]
+        if entry["contamination"] is not None:
+            summary[f"{name}/contamination/shared_query_texts"] = entry["contamination"]["shared_query_texts"]
+            summary[f"{name}/contamination/shared_positives"] = entry["contamination"]["shared_positives"]
+    return summary
