@@ -76,6 +76,8 @@ class GenerateConfig(_Frozen):
 
 
 class MineConfig(_Frozen):
+    cross_encoder: str | None = Field(None, description="rescore candidates with this cross-encoder and drop those it judges relevant")
+    cross_encoder_threshold: float = Field(0.5, description="a candidate scoring at least this (sigmoid) with the cross-encoder is a false negative")
     num_negatives: int = Field(3, ge=0)
     range_min: int = Field(0, ge=0)
     range_max: int = Field(50, ge=1)
@@ -105,6 +107,9 @@ class RunConfig(_Frozen):
     base_model: str = DEFAULT_BASE_MODEL
     seed: int = 0
     encode_batch_size: int = Field(64, ge=1)
+    index: Literal["auto", "flat", "ivf", "hnsw"] = Field("auto", description="FAISS index over the base model's corpus embeddings: auto = exact up to exact_max passages, else IVF")
+    exact_max: int = Field(1_000_000, ge=1, description="largest corpus searched exactly when index = auto")
+    nprobe: int = Field(32, ge=1, description="IVF lists probed per query (HNSW: efSearch = 4 x nprobe)")
     corpus: CorpusConfig = CorpusConfig()
     generate: GenerateConfig = GenerateConfig()
     mine: MineConfig = MineConfig()

@@ -76,19 +76,57 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str) -> np.ndar
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def build_index(vectors: np.ndarray, exact_max: int = 1_000_000, nprobe: int = 32):
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS index to search: exact inner product up to `exact_max` passages, else IVF."""
+
+    kind: str = "auto"  # auto | flat | ivf | hnsw
+    exact_max: int = 1_000_000
+    nprobe: int = 32
+
+    def resolve(self, count: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if count <= self.exact_max else "ivf"
+
+    def file_name(self, count: int) -> str:
+        kind = self.resolve(count)
+        return "index-flat.faiss" if kind == "flat" else f"index-{kind}.faiss"
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec = IndexSpec()):
     import faiss
 
     count, dimension = vectors.shape
-    if count <= exact_max:
+    kind = spec.resolve(count)
+    if kind == "flat":
         index = faiss.IndexFlatIP(dimension)
-    else:
-        nlist = int(4 * np.sqrt(count))
+    elif kind == "ivf":
+        # nlist ~ 4 sqrt(N), and at least 39 training points per list as FAISS asks.
+        nlist = max(1, min(int(4 * np.sqrt(count)), count // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dimension), dimension, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).choice(count, size=min(count, nlist * 64), replace=False)]
-        index.train(sample)
-        index.nprobe = nprobe
-    index.add(vectors)
+        sample = vectors[np.sort(np.random.default_rng(0).choice(count, size=min(count, nlist * 64), replace=False))]
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    for start in range(0, count, 100_000):  # bounded temporary copies on memory-mapped input
+        index.add(np.ascontiguousarray(vectors[start : start + 100_000], dtype=np.float32))
+    return index
+
+
+def configure_index(index, spec: IndexSpec):
+    """Search-time settings, and the GPU when FAISS has one (flat and IVF indexes)."""
+    import faiss
+
+    if hasattr(index, "nprobe"):
+        index.nprobe = spec.nprobe
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(128, spec.nprobe * 4)
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not hasattr(index, "hnsw"):
+        index = faiss.index_cpu_to_all_gpus(index)
     return index
 
 
@@ -109,8 +147,13 @@ def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None
     return sha256_json({"model": model_identity(model_name), "max_seq_length": max_seq_length, "normalize": True, "corpus": corpus_hash, "format": 1})
 
 
-def corpus_embeddings(model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None) -> CorpusEmbeddings:
-    """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored."""
+def corpus_embeddings(
+    model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None, index_spec: IndexSpec = IndexSpec()
+) -> CorpusEmbeddings:
+    """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored.
+
+    The index is cached beside the vectors, one file per index kind.
+    """
     import faiss
 
     key = corpus_key(model_name, passages, max_seq_length)
@@ -118,18 +161,22 @@ def corpus_embeddings(model_name: str, passages: list[dict], cache_dir: Path | N
     if folder and (folder / "vectors.npy").exists() and (folder / "ids.json").exists():
         ids = read_json(folder / "ids.json")
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-        index = faiss.read_index(str(folder / "index.faiss")) if (folder / "index.faiss").exists() else build_index(np.asarray(vectors))
         logger.info("corpus embeddings: cache hit %s", key[:12])
-        return CorpusEmbeddings(ids=ids, vectors=vectors, index=index, key=key)
-    model = model or load_model(model_name, max_seq_length=max_seq_length)
-    vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
-    index = build_index(vectors)
-    ids = [p["_id"] for p in passages]
-    if folder:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_write(folder / "vectors.npy", "wb") as handle:
-            np.save(handle, vectors)
-        with atomic_write(folder / "index.faiss", "wb") as handle:
-            handle.write(faiss.serialize_index(index).tobytes())
-        write_json(folder / "ids.json", ids)  # written last: its presence marks a complete entry
-    return CorpusEmbeddings(ids=ids, vectors=vectors, index=index, key=key)
+    else:
+        model = model or load_model(model_name, max_seq_length=max_seq_length)
+        vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
+        ids = [p["_id"] for p in passages]
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_write(folder / "vectors.npy", "wb") as handle:
+                np.save(handle, vectors)
+            write_json(folder / "ids.json", ids)  # written last: its presence marks a complete entry
+    index_path = folder / index_spec.file_name(len(ids)) if folder else None
+    if index_path and index_path.exists():
+        index = faiss.read_index(str(index_path))
+    else:
+        index = build_index(vectors, index_spec)
+        if index_path:
+            with atomic_write(index_path, "wb") as handle:
+                handle.write(faiss.serialize_index(index).tobytes())
+    return CorpusEmbeddings(ids=ids, vectors=vectors, index=configure_index(index, index_spec), key=key)

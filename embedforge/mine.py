@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from embedforge.config import MineConfig
-from embedforge.embeddings import CorpusEmbeddings
+from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
 from embedforge.generate import normalize_query
 
 STAGE_VERSION = 1
-RULES = ("positive", "known_positive", "duplicate_text", "duplicate_cosine", "test_split", "relative_margin", "absolute_margin", "max_score")
+RULES = ("positive", "known_positive", "duplicate_text", "duplicate_cosine", "test_split", "relative_margin", "absolute_margin", "max_score", "cross_encoder")
 
 
 def select_negatives(
@@ -37,6 +37,7 @@ def select_negatives(
     duplicate_of_positive: set[str],
     config: MineConfig,
     rng: random.Random,
+    judged_relevant: set[str] = frozenset(),
 ) -> tuple[list[tuple[str, float]], Counter]:
     """Negatives for one query from its ranked candidates (pure: no index, no model).
 
@@ -57,6 +58,8 @@ def select_negatives(
             dropped["absolute_margin"] += 1
         elif config.max_score is not None and score > config.max_score:
             dropped["max_score"] += 1
+        elif candidate in judged_relevant:
+            dropped["cross_encoder"] += 1
         else:
             kept.append((candidate, score))
     if config.sampling == "random" and len(kept) > config.num_negatives:
@@ -65,12 +68,21 @@ def select_negatives(
 
 
 def mine(
-    passages: list[dict], queries: list[dict], embeddings: CorpusEmbeddings, query_vectors: np.ndarray, out_dir: Path, config: MineConfig, test_ids: set[str], seed: int
+    passages: list[dict],
+    queries: list[dict],
+    embeddings: CorpusEmbeddings,
+    query_vectors: np.ndarray,
+    out_dir: Path,
+    config: MineConfig,
+    test_ids: set[str],
+    seed: int,
+    cross_encoder=None,
 ) -> dict:
     """Write mine/train.jsonl and mine/stats.json; `queries` are the accepted training queries."""
     out_dir = Path(out_dir)
     position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
     text_of = {p["_id"]: p["text"] for p in passages}
+    passages_by_id = {p["_id"]: p for p in passages}
     normalized_text = {p["_id"]: normalize_query(p["text"]) for p in passages}
     positives_of_text: dict[str, set[str]] = defaultdict(set)
     for query in queries:
@@ -100,7 +112,13 @@ def mine(
         candidate_matrix = np.asarray(vectors[[position[c] for c in candidate_ids]]) if candidate_ids else np.zeros((0, len(positive_vector)))
         similarity_to_positive = candidate_matrix @ positive_vector
         duplicates = {c for c, similarity in zip(candidate_ids, similarity_to_positive) if similarity >= config.duplicate_threshold and c != positive}
-        negatives, dropped = select_negatives(candidate_ids, candidate_scores, positive_score, excluded, duplicates, config, rng)
+        judged_relevant = set()
+        if cross_encoder is not None:
+            window = [c for c in candidate_ids[config.range_min : config.range_max] if c not in excluded and c not in duplicates]
+            if window:
+                relevance = cross_encoder.predict([(query["text"], passage_text(passages_by_id[c])) for c in window], show_progress_bar=False)
+                judged_relevant = {c for c, score in zip(window, relevance) if float(score) >= config.cross_encoder_threshold}
+        negatives, dropped = select_negatives(candidate_ids, candidate_scores, positive_score, excluded, duplicates, config, rng, judged_relevant)
         dropped_total.update(dropped)
         if len(negatives) < config.num_negatives:
             shortfalls += 1

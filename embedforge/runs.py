@@ -114,7 +114,10 @@ class Run:
     def base_embeddings(self):
         from embedforge.embeddings import corpus_embeddings
 
-        return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model)
+        from embedforge.embeddings import IndexSpec
+
+        spec = IndexSpec(self.config.index, self.config.exact_max, self.config.nprobe)
+        return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model, index_spec=spec)
 
     def encode_queries(self, texts: list[str]):
         from embedforge.embeddings import encode_texts
@@ -158,7 +161,7 @@ class Run:
 
     def plan(self, stage: str) -> StagePlan:
         config = self.config
-        shared = {"seed": config.seed, "base_model": self.base_identity}
+        shared = {"seed": config.seed, "base_model": self.base_identity, "index": [config.index, config.exact_max, config.nprobe]}
         eval_files = ["generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv"]
         if stage == "generate":
             # Files are inputs: their contents count, not where they are.
@@ -234,7 +237,8 @@ class Run:
         generate_config = self.config.generate
         test_ids = {p["_id"] for p in self.passages if split_of(p["_id"], generate_config.dev_fraction, generate_config.test_fraction) == "test"}
         vectors = self.encode_queries([q["text"] for q in queries])
-        return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed)
+        cross_encoder = load_cross_encoder(self.config.mine.cross_encoder) if self.config.mine.cross_encoder else None
+        return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed, cross_encoder)
 
     def _held_out(self, split: str) -> tuple[dict[str, str], dict[str, set[str]]]:
         qrels = evaluate_stage.read_qrels(self.dir / f"generate/eval/qrels/{split}.tsv")
@@ -274,6 +278,17 @@ class Run:
     def record(self, plan: StagePlan, entry: dict) -> None:
         self.manifest["stages"][plan.name] = entry
         write_json(self.manifest_path, self.manifest)
+
+
+def load_cross_encoder(name_or_path: str):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from embedforge.embeddings import resolve_model
+
+    try:
+        return CrossEncoder(resolve_model(name_or_path))
+    except Exception as error:  # any loader failure means the same thing to the user
+        raise EmbedforgeError(f"Cannot load the cross-encoder {name_or_path!r} ({type(error).__name__})", where=name_or_path, fix="pass --cross-encoder with a local folder or an available model") from error
 
 
 def select_stages(from_stage: str | None, to_stage: str | None) -> list[str]:

@@ -5,7 +5,9 @@ import random
 import numpy as np
 
 from embedforge.config import MineConfig
-from embedforge.embeddings import CorpusEmbeddings, build_index
+import pytest
+
+from embedforge.embeddings import CorpusEmbeddings, IndexSpec, build_index, configure_index
 from embedforge.files import read_jsonl
 from embedforge.mine import mine, select_negatives
 
@@ -75,3 +77,61 @@ def test_shortfall_is_counted_not_padded(tmp_path):
     row = read_jsonl(tmp_path / "train.jsonl")[0]
     assert len(row["negative_ids"]) == 3 and "negative_4" not in row
     assert stats["shortfalls"] == 1
+
+
+class JudgeEverythingAbout:
+    """A stand-in cross-encoder: judges relevant any passage whose text contains a word."""
+
+    def __init__(self, word):
+        self.word = word
+        self.pairs = 0
+
+    def predict(self, pairs, show_progress_bar=False):
+        self.pairs += len(pairs)
+        return np.array([1.0 if self.word in passage else 0.0 for _, passage in pairs])
+
+
+def test_cross_encoder_drops_candidates_it_judges_relevant(tmp_path):
+    rng = np.random.default_rng(1)
+    passages = [{"_id": f"p{i}", "title": "", "text": f"text {i}" + (" relevant" if i in (3, 4) else "")} for i in range(12)]
+    matrix = np.stack([_unit(rng.normal(size=8)) for _ in passages])
+    embeddings = CorpusEmbeddings(ids=[p["_id"] for p in passages], vectors=matrix, index=build_index(matrix), key="k")
+    queries = [{"_id": "q", "text": "q", "passage_id": "p0", "split": "train"}]
+    judge = JudgeEverythingAbout("relevant")
+    stats = mine(passages, queries, embeddings, matrix[:1], tmp_path, MineConfig(num_negatives=20, relative_margin=None), set(), 0, cross_encoder=judge)
+    row = read_jsonl(tmp_path / "train.jsonl")[0]
+    assert not {"p3", "p4"} & set(row["negative_ids"]) and len(row["negative_ids"]) == 9
+    assert stats["dropped"]["cross_encoder"] == 2 and judge.pairs == 11
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_find_true_neighbours(kind):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 32))
+    vectors = np.stack([_unit(centers[i % 20] + 0.3 * rng.normal(size=32)) for i in range(4000)])
+    spec = IndexSpec(kind=kind, nprobe=8)
+    index = configure_index(build_index(vectors, spec), spec)
+    exact = build_index(vectors, IndexSpec(kind="flat"))
+    queries = vectors[:50]
+    _, approximate_ids = index.search(queries, 10)
+    _, exact_ids = exact.search(queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate_ids, exact_ids)])
+    assert recall > 0.9
+    assert IndexSpec(exact_max=100).resolve(4000) == "ivf" and IndexSpec().resolve(4000) == "flat"
+
+
+def test_corpus_embeddings_are_encoded_once(tmp_path, tiny_model):
+    from embedforge.embeddings import corpus_embeddings, load_model
+
+    passages = [{"_id": f"p{i}", "title": "", "text": f"the apple river {i}"} for i in range(20)]
+    first = corpus_embeddings(tiny_model, passages, tmp_path, model=load_model(tiny_model))
+
+    class NoEncoding:
+        def encode_document(self, *args, **kwargs):
+            raise AssertionError("encoded again")
+
+    second = corpus_embeddings(tiny_model, passages, tmp_path, model=NoEncoding())
+    assert np.allclose(np.asarray(first.vectors), np.asarray(second.vectors)) and second.ids == first.ids
+    changed = passages[:-1] + [{"_id": "p19", "title": "", "text": "changed"}]
+    with pytest.raises(AssertionError, match="encoded again"):
+        corpus_embeddings(tiny_model, changed, tmp_path, model=NoEncoding())

@@ -71,15 +71,16 @@ def decide(target: float, base_ndcg: float, finetuned_ndcg: float | None, delta_
     outcome = verdict(low, high, p_value)
     if outcome != "better":
         return result(OFF_THE_SHELF, f"fine-tuning did not beat the base model ({delta}, {outcome}): keep the base model",
-                      f"neither reaches the target {target}; better training queries or a stronger base model are the next levers")
+                      f"the base model is under the target ({base_ndcg:.4f} < {target}); better training queries or a stronger base model are the next levers")
     if finetuned_ndcg >= target:
-        return result(FINE_TUNE, f"the fine-tuned model is significantly better and reaches the target ({delta} ≥ {target})", reindex_reason)
+        return result(FINE_TUNE, f"the fine-tuned model is significantly better ({delta}) and reaches the target: {finetuned_ndcg:.4f} ≥ {target}", reindex_reason)
     if bm25_ndcg is not None and bm25_ndcg >= bm25_competitive * finetuned_ndcg:
-        return result(HYBRID, f"the fine-tuned model is significantly better but under the target ({delta} < {target})",
+        return result(HYBRID, f"the fine-tuned model is significantly better ({delta}) but under the target: {finetuned_ndcg:.4f} < {target}",
                       f"BM25 is competitive (NDCG@10 {bm25_ndcg:.4f}, ≥ {bm25_competitive:.0%} of the fine-tuned model): fuse both rankings "
                       "(e.g. reciprocal rank fusion)", reindex_reason)
-    return result(FINE_TUNE, f"the fine-tuned model is significantly better but under the target ({delta} < {target}); BM25 is not competitive "
-                             f"({bm25_ndcg if bm25_ndcg is not None else 'not measured'}), so more or better training data is the next lever", reindex_reason)
+    bm25 = f"NDCG@10 {bm25_ndcg:.4f}" if bm25_ndcg is not None else "not measured"
+    return result(FINE_TUNE, f"the fine-tuned model is significantly better ({delta}) but under the target: {finetuned_ndcg:.4f} < {target}",
+                  f"BM25 is not competitive ({bm25}), so hybrid retrieval would not help; more or better training data is the next lever", reindex_reason)
 
 
 def measure_throughput(model_name: str, passages: list[dict], batch_size: int = 64) -> float:
