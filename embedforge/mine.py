@@ -5,7 +5,8 @@ Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "qu
         "positive_id", "negative_ids", "positive_score", "negative_scores"}), mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
-Per query, candidates come from the rank window range_min..range_max. A candidate is dropped
+Per query, candidates come from the rank window range_min..range_max (counted over the
+candidates that survive the rules below, as sentence-transformers does). A candidate is dropped
 when it is a known positive of the same query text, a near-duplicate of the positive (same
 normalized text, or cosine >= duplicate_threshold), a test passage, or scores too close to
 the positive (positive-aware margins, NV-Retriever's TopK-PercPos). A query with too few
@@ -41,27 +42,29 @@ def select_negatives(
 ) -> tuple[list[tuple[str, float]], Counter]:
     """Negatives for one query from its ranked candidates (pure: no index, no model).
 
-    `excluded` maps a passage id to the rule that excludes it for this query.
+    `excluded` maps a passage id to the rule that excludes it for this query. The rank window
+    range_min..range_max applies to the candidates that survive every rule, as in
+    sentence-transformers' mine_hard_negatives, so excluded positives never eat the window.
     """
     dropped: Counter = Counter()
     kept = []
-    for rank, (candidate, score) in enumerate(zip(candidate_ids, candidate_scores)):
-        if rank < config.range_min or rank >= config.range_max:
-            continue
+    cap = positive_score - abs(positive_score) * config.relative_margin if config.relative_margin is not None else None
+    for candidate, score in zip(candidate_ids, candidate_scores):
         if candidate in excluded:
             dropped[excluded[candidate]] += 1
         elif candidate in duplicate_of_positive:
             dropped["duplicate_cosine"] += 1
-        elif config.relative_margin is not None and score > positive_score * (1 - config.relative_margin):
-            dropped["relative_margin"] += 1
-        elif config.absolute_margin is not None and score > positive_score - config.absolute_margin:
+        elif config.absolute_margin is not None and score + config.absolute_margin > positive_score:
             dropped["absolute_margin"] += 1
+        elif cap is not None and score > cap:
+            dropped["relative_margin"] += 1
         elif config.max_score is not None and score > config.max_score:
             dropped["max_score"] += 1
         elif candidate in judged_relevant:
             dropped["cross_encoder"] += 1
         else:
             kept.append((candidate, score))
+    kept = kept[config.range_min : config.range_max]
     if config.sampling == "random" and len(kept) > config.num_negatives:
         kept = sorted(rng.sample(kept, config.num_negatives), key=lambda item: -item[1])
     return kept[: config.num_negatives], dropped
@@ -88,15 +91,28 @@ def mine(
     for query in queries:
         positives_of_text[normalize_query(query["text"])].add(query["passage_id"])
 
-    scores, indices = embeddings.search(query_vectors, config.range_max)
+    # Known positives are removed from the candidates, so search past the window by their number.
+    most_positives = max((len(ids) for ids in positives_of_text.values()), default=1)
+    scores, indices = embeddings.search(query_vectors, config.range_max + most_positives)
     vectors = embeddings.vectors
     rng = random.Random(seed)
     rows, dropped_total, shortfalls = [], Counter(), 0
+    weakest_positive: dict[str, float] = {}
     positive_scores, negative_scores = [], []
     for row_number, query in enumerate(queries):
         positive = query["passage_id"]
         positive_vector = np.asarray(vectors[position[positive]])
         positive_score = float(np.dot(query_vectors[row_number], positive_vector))
+        # Margins count from the weakest known positive of this query text: anything scoring near
+        # any known positive is likely a false negative.
+        known = positives_of_text[normalize_query(query["text"])]
+        if len(known) == 1:
+            margin_reference = positive_score
+        else:
+            cache_key = normalize_query(query["text"])
+            if cache_key not in weakest_positive:
+                weakest_positive[cache_key] = float((np.asarray(vectors[sorted(position[p] for p in known)]) @ query_vectors[row_number]).min())
+            margin_reference = weakest_positive[cache_key]
         candidate_ids = [embeddings.ids[i] for i in indices[row_number] if i >= 0]
         candidate_scores = [float(s) for s, i in zip(scores[row_number], indices[row_number]) if i >= 0]
         excluded = {}
@@ -114,11 +130,11 @@ def mine(
         duplicates = {c for c, similarity in zip(candidate_ids, similarity_to_positive) if similarity >= config.duplicate_threshold and c != positive}
         judged_relevant = set()
         if cross_encoder is not None:
-            window = [c for c in candidate_ids[config.range_min : config.range_max] if c not in excluded and c not in duplicates]
+            window = [c for c in candidate_ids if c not in excluded and c not in duplicates]
             if window:
                 relevance = cross_encoder.predict([(query["text"], passage_text(passages_by_id[c])) for c in window], show_progress_bar=False)
                 judged_relevant = {c for c, score in zip(window, relevance) if float(score) >= config.cross_encoder_threshold}
-        negatives, dropped = select_negatives(candidate_ids, candidate_scores, positive_score, excluded, duplicates, config, rng, judged_relevant)
+        negatives, dropped = select_negatives(candidate_ids, candidate_scores, margin_reference, excluded, duplicates, config, rng, judged_relevant)
         dropped_total.update(dropped)
         if len(negatives) < config.num_negatives:
             shortfalls += 1

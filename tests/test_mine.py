@@ -15,19 +15,20 @@ from embedforge.mine import mine, select_negatives
 def test_relative_margin_on_hand_built_scores():
     config = MineConfig(num_negatives=3, relative_margin=0.1, range_max=10)
     ids = ["a", "b", "c", "d", "e"]
-    scores = [0.95, 0.85, 0.80, 0.5, 0.4]  # positive scores 0.9: the cap is 0.81
+    scores = [0.95, 0.85, 0.80, 0.5, 0.4]  # the positive scores 0.9: the cap is 0.9 - 0.09 = 0.81
     negatives, dropped = select_negatives(ids, scores, 0.9, {}, set(), config, random.Random(0))
     assert [n for n, _ in negatives] == ["c", "d", "e"]
     assert dropped["relative_margin"] == 2
 
 
-def test_exclusions_window_and_shortfall():
-    config = MineConfig(num_negatives=3, relative_margin=None, range_min=1, range_max=5)
-    ids = ["top", "pos", "other_pos", "test", "dup", "ok", "beyond"]
-    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+def test_exclusions_and_window_over_survivors():
+    config = MineConfig(num_negatives=3, relative_margin=None, range_min=1, range_max=3)
+    ids = ["top", "pos", "other_pos", "test", "dup", "ok", "beyond", "far"]
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
     excluded = {"pos": "positive", "other_pos": "known_positive", "test": "test_split"}
     negatives, dropped = select_negatives(ids, scores, 0.8, excluded, {"dup"}, config, random.Random(0))
-    assert negatives == []  # rank 0 is outside the window, rank 5+ too; everything between is excluded
+    # survivors: top, ok, beyond, far; the window 1..3 of them skips "top" and stops before "far"
+    assert negatives == [("ok", 0.4), ("beyond", 0.3)]
     assert dropped == {"positive": 1, "known_positive": 1, "test_split": 1, "duplicate_cosine": 1}
 
 

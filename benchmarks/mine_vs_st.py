@@ -1,0 +1,161 @@
+"""embedforge's miner against sentence-transformers' mine_hard_negatives, and IVF at scale.
+
+Part 1, on ../shared/data/nfcorpus (train queries + qrels as the pairs, all-MiniLM-L6-v2),
+matched settings (window 0..50, relative margin 0.05, top sampling, 3 negatives, extra
+exclusions off): the share of identical negatives, wall time and peak memory, each in a fresh
+process; ours cold (empty cache) and warm (corpus embeddings cached).
+Part 2: IVF mining over N random normalized 384-d vectors with 10,000 queries: peak memory,
+time, and recall@100 against exact search on a sample of queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nfcorpus"
+SETTINGS = dict(range_min=0, range_max=50, relative_margin=0.05, num_negatives=3)
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def load_pairs(data: Path, limit: int | None):
+    from embedforge.evaluate import read_qrels
+    from embedforge.files import iter_jsonl
+
+    corpus = [{"_id": str(r["_id"]), "title": r.get("title") or "", "text": r.get("text") or ""} for r in iter_jsonl(data / "corpus.jsonl")]
+    texts = {str(r["_id"]): r["text"] for r in iter_jsonl(data / "queries.jsonl")}
+    qrels = read_qrels(data / "qrels" / "train.tsv")
+    pairs = [(query, doc) for query, docs in qrels.items() if query in texts for doc, grade in docs.items() if grade > 0]
+    return corpus, texts, pairs[:limit] if limit else pairs
+
+
+def run_ours(data: Path, cache: Path, limit: int | None, out: Path) -> None:
+    from embedforge.config import MineConfig
+    from embedforge.embeddings import corpus_embeddings, encode_texts, load_model
+    from embedforge.files import iter_jsonl
+    from embedforge.mine import mine
+
+    started = time.perf_counter()
+    corpus, texts, pairs = load_pairs(data, limit)
+    model = load_model("all-MiniLM-L6-v2")
+    embeddings = corpus_embeddings("all-MiniLM-L6-v2", corpus, cache, batch_size=32, model=model)
+    queries = [{"_id": f"{q}-{d}", "text": texts[q], "passage_id": d, "split": "train"} for q, d in pairs]
+    unique = sorted({q["text"] for q in queries})
+    vectors = encode_texts(model, unique, 32, kind="query")
+    row_of = {text: i for i, text in enumerate(unique)}
+    query_vectors = vectors[[row_of[q["text"]] for q in queries]]
+    config = MineConfig(duplicate_threshold=1.0, **SETTINGS)
+    with tempfile.TemporaryDirectory() as folder:
+        mine(corpus, queries, embeddings, query_vectors, Path(folder), config, test_ids=set(), seed=0)
+        elapsed = time.perf_counter() - started
+        negatives = {row["query_id"]: row["negative_ids"] for row in iter_jsonl(Path(folder) / "train.jsonl")}
+    out.write_text(json.dumps({"seconds": elapsed, "peak_gb": peak_gb(), "negatives": negatives}))
+
+
+def run_st(data: Path, limit: int | None, out: Path) -> None:
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    from embedforge.embeddings import load_model, passage_text
+
+    started = time.perf_counter()
+    corpus, texts, pairs = load_pairs(data, limit)
+    text_of = {p["_id"]: passage_text(p) for p in corpus}
+    id_of = {}
+    for p in corpus:
+        id_of.setdefault(text_of[p["_id"]], p["_id"])
+    dataset = Dataset.from_dict({"anchor": [texts[q] for q, _ in pairs], "positive": [text_of[d] for _, d in pairs]})
+    model = load_model("all-MiniLM-L6-v2")
+    mined = mine_hard_negatives(
+        dataset, model, corpus=list(text_of.values()), sampling_strategy="top", output_format="n-tuple", use_faiss=True,
+        batch_size=32, verbose=False, **SETTINGS,
+    )
+    elapsed = time.perf_counter() - started
+    negatives = {}
+    by_pair = {}
+    for row in mined:
+        by_pair.setdefault((row["anchor"], row["positive"]), [id_of[row[f"negative_{i}"]] for i in range(1, 4)])
+    for q, d in pairs:
+        negatives[f"{q}-{d}"] = by_pair.get((texts[q], text_of[d]), [])
+    out.write_text(json.dumps({"seconds": elapsed, "peak_gb": peak_gb(), "negatives": negatives}))
+
+
+def run_ivf(count: int, queries: int, out: Path) -> None:
+    import numpy as np
+
+    from embedforge.embeddings import IndexSpec, build_index, configure_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((count, 384), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    query_vectors = vectors[rng.choice(count, size=queries, replace=False)] + 0.1 * rng.standard_normal((queries, 384), dtype=np.float32)
+    query_vectors /= np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    spec = IndexSpec(kind="ivf", nprobe=32)
+    started = time.perf_counter()
+    index = configure_index(build_index(vectors, spec), spec)
+    built = time.perf_counter() - started
+    _, found = index.search(query_vectors, 100)
+    searched = time.perf_counter() - started - built
+    exact = build_index(vectors, IndexSpec(kind="flat"))
+    sample = rng.choice(queries, size=200, replace=False)
+    _, truth = exact.search(query_vectors[sample], 100)
+    recall = float(np.mean([len(set(found[i]) & set(t)) / 100 for i, t in zip(sample, truth)]))
+    out.write_text(json.dumps({"build_seconds": built, "search_seconds": searched, "recall_at_100": recall, "peak_gb": peak_gb()}))
+
+
+def fresh(*arguments: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    subprocess.run([sys.executable, __file__, *arguments, "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ours", "st", "ivf"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--ivf-vectors", type=int, default=1_000_000)
+    parser.add_argument("--ivf-queries", type=int, default=10_000)
+    arguments = parser.parse_args()
+    limit = ["--limit", str(arguments.limit)] if arguments.limit else []
+    if arguments.part == "ours":
+        return run_ours(arguments.data, arguments.cache, arguments.limit, arguments.out)
+    if arguments.part == "st":
+        return run_st(arguments.data, arguments.limit, arguments.out)
+    if arguments.part == "ivf":
+        return run_ivf(arguments.ivf_vectors, arguments.ivf_queries, arguments.out)
+    if not arguments.data.is_dir():
+        print(f"skipped: {arguments.data} not found")
+        return None
+    with tempfile.TemporaryDirectory() as cache:
+        st = fresh("--part", "st", "--data", str(arguments.data), *limit)
+        cold = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
+        warm = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
+    identical = sum(len(set(cold["negatives"][key]) & set(negatives)) for key, negatives in st["negatives"].items())
+    total = sum(len(negatives) for negatives in st["negatives"].values())
+    overlap = identical / max(total, 1)
+    print(f"pairs: {len(st['negatives'])}; identical negatives: {identical}/{total} = {overlap:.4f}")
+    print(f"sentence-transformers: {st['seconds']:.1f}s, peak {st['peak_gb']:.2f} GB")
+    print(f"embedforge cold:       {cold['seconds']:.1f}s, peak {cold['peak_gb']:.2f} GB")
+    print(f"embedforge warm:       {warm['seconds']:.1f}s, peak {warm['peak_gb']:.2f} GB")
+    ivf = fresh("--part", "ivf", "--ivf-vectors", str(arguments.ivf_vectors), "--ivf-queries", str(arguments.ivf_queries))
+    print(f"IVF over {arguments.ivf_vectors:,} vectors, {arguments.ivf_queries:,} queries: build {ivf['build_seconds']:.1f}s, "
+          f"search {ivf['search_seconds']:.1f}s, recall@100 {ivf['recall_at_100']:.3f}, peak {ivf['peak_gb']:.2f} GB")
+    print(f"RESULT overlap={overlap:.4f} time_ratio={cold['seconds'] / st['seconds']:.3f} warm_time_ratio={warm['seconds'] / st['seconds']:.3f} "
+          f"ivf_recall_at_100={ivf['recall_at_100']:.3f} ivf_peak_gb={ivf['peak_gb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
