@@ -89,8 +89,17 @@ class MineConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
+    loss: Literal["mnrl", "gist"] = Field("mnrl", description="mnrl: MultipleNegativesRankingLoss; gist: GISTEmbedLoss guided by the base model")
+    mini_batch_size: int | None = Field(None, ge=1, description="use the cached (GradCache) loss with this mini-batch: large batches in small memory")
+    matryoshka_dims: tuple[int, ...] = Field((), description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384,256,128,64")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=2)
+
+    @field_validator("matryoshka_dims", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [int(part) for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(256, ge=8)

@@ -13,6 +13,7 @@ Keeps:  per stage, a manifest entry with its fingerprint (sha256 over stage, sta
 from __future__ import annotations
 
 import functools
+import os
 import importlib.metadata
 import logging
 import platform
@@ -41,6 +42,11 @@ STAGE_VERSIONS = {
 }
 TRACKED_PACKAGES = ("embedforge", "torch", "sentence-transformers", "transformers", "openai", "faiss-cpu", "datasets")
 logger = logging.getLogger(__name__)
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed): only rank 0 writes."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def versions() -> dict[str, str]:
@@ -147,6 +153,8 @@ class Run:
     # --- corpus ----------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        if process_rank() != 0:
+            return  # rank 0 normalizes the corpus; the others read what it wrote
         self.dir.mkdir(parents=True, exist_ok=True)
         write_text(self.dir / "config.toml", config_toml(self.config))
         passages = load_corpus(self.config.corpus)
@@ -178,12 +186,12 @@ class Run:
             inputs = [self.dir / "corpus.jsonl", self.dir / "mine/train.jsonl", self.dir / eval_files[0], self.dir / eval_files[1]]
             plan = StagePlan(stage, self.hash_inputs(inputs), {**fingerprint_fields(config.train), **shared}, ["train/model"])
         elif stage == "evaluate":
-            inputs = [self.dir / "corpus.jsonl", self.dir / eval_files[0], self.dir / eval_files[2], self.dir / "train/model"]
+            inputs = [self.dir / "corpus.jsonl", self.dir / eval_files[0], self.dir / eval_files[2], self.dir / "train/model", self.dir / "mine/train.jsonl"]
             hashes = self.hash_inputs(inputs)
             for folder in config.evaluate.eval_set:
                 hashes.update(evaluate_stage.eval_set_files(folder))
             settings = {key: value for key, value in fingerprint_fields(config.evaluate).items() if key != "eval_set"}
-            plan = StagePlan(stage, hashes, {**settings, **shared}, ["evaluate/results.json", "evaluate/report.md"])
+            plan = StagePlan(stage, hashes, {**settings, **shared}, ["evaluate/results.json", "evaluate/report.md", "evaluate/report.png"])
         else:
             raise ValueError(stage)
         plan.fingerprint = sha256_json({"stage": stage, "version": STAGE_VERSIONS[stage], "config": plan.config, "inputs": plan.inputs})
@@ -249,10 +257,11 @@ class Run:
         checkpoints = self.dir / "train/checkpoints"
         marker = checkpoints / "fingerprint.txt"
         # Checkpoints of other settings or data must not be resumed; those of this fingerprint may.
-        if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != plan.fingerprint):
-            shutil.rmtree(checkpoints)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        marker.write_text(plan.fingerprint)
+        if process_rank() == 0:
+            if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != plan.fingerprint):
+                shutil.rmtree(checkpoints)
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            marker.write_text(plan.fingerprint)
         dev_queries, dev_qrels = self._held_out("dev")
         notes = {
             "corpus sha256": plan.inputs.get("corpus.jsonl"),
@@ -273,9 +282,15 @@ class Run:
         train_entry = self.manifest["stages"].get("train", {})
         if train_entry.get("stats", {}).get("improved_on_dev") is False:
             notes.append("The fine-tuned model was NOT better than the base model on the dev split: keep the base model.")
-        return evaluate_stage.evaluate(eval_sets, models, self.dir / "evaluate", self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed, self.config.encode_batch_size, notes)
+        train_rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))  # for the contamination check
+        return evaluate_stage.evaluate(
+            eval_sets, models, self.dir / "evaluate", self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
+            self.config.encode_batch_size, notes, train_rows=train_rows,
+        )
 
     def record(self, plan: StagePlan, entry: dict) -> None:
+        if process_rank() != 0:
+            return
         self.manifest["stages"][plan.name] = entry
         write_json(self.manifest_path, self.manifest)
 
@@ -318,6 +333,11 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
             for later in selected[selected.index(stage) + 1 :]:
                 echo(f"{later}: would run (after {stage})")
             break
+        if process_rank() != 0 and stage != "train":
+            raise EmbedforgeError(
+                f"Stage {stage} is not up to date, and only train runs under torchrun", where=str(pipeline.dir),
+                fix=f"run `embedforge run --to {STAGES[STAGES.index('train') - 1]}` first, then torchrun ... -m embedforge train",
+            )
         echo(f"{stage}: running ({reason})")
         started = time.time()
         try:

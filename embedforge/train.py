@@ -54,6 +54,26 @@ def dev_evaluator(passages: list[dict], dev_queries: dict[str, str], dev_qrels: 
     )
 
 
+def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = False):
+    """The training loss: in-batch + hard negatives ranking, cached for big batches, GIST, Matryoshka."""
+    from sentence_transformers.sentence_transformer import losses
+
+    # Across several GPUs, gathering embeddings makes every device's batch a negative for all.
+    if config.loss == "gist":
+        guide = load_model(base_model, max_seq_length=config.max_seq_length)
+        loss_class = losses.CachedGISTEmbedLoss if config.mini_batch_size else losses.GISTEmbedLoss
+        options = {"guide": guide, "gather_across_devices": distributed}
+    else:
+        loss_class = losses.CachedMultipleNegativesRankingLoss if config.mini_batch_size else losses.MultipleNegativesRankingLoss
+        options = {"gather_across_devices": distributed}
+    if config.mini_batch_size:
+        options["mini_batch_size"] = config.mini_batch_size
+    loss = loss_class(model, **options)
+    if config.matryoshka_dims:
+        loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=list(config.matryoshka_dims))
+    return loss
+
+
 def train(
     rows: list[dict],
     passages: list[dict],
@@ -69,7 +89,6 @@ def train(
     import torch
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers.trainer_utils import get_last_checkpoint
 
     out_dir = Path(out_dir)
@@ -105,7 +124,7 @@ def train(
         model=model,
         args=arguments,
         train_dataset=datasets,
-        loss=MultipleNegativesRankingLoss(model),
+        loss=make_loss(model, config, base_model, distributed=arguments.world_size > 1),
         evaluator=evaluator,
     )
     last = get_last_checkpoint(str(checkpoints))
@@ -124,7 +143,8 @@ def train(
         "tuned_dev_ndcg@10": None if tuned_dev is None else round(float(tuned_dev), 6),
         "improved_on_dev": improved,
     }
-    save_model(model, out_dir / "model", base_model, config, stats, model_card_notes or {})
+    if trainer.is_world_process_zero():  # under torchrun, only rank 0 writes the model
+        save_model(model, out_dir / "model", base_model, config, stats, model_card_notes or {})
     if improved is False:
         logger.warning(
             "FINE-TUNING DID NOT HELP: dev NDCG@10 %.4f (fine-tuned) vs %.4f (base). Keep the base model; see README 'When fine-tuning does not help'.",

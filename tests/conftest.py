@@ -68,7 +68,7 @@ def build_tiny_model(folder: Path, words: list[str]) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
     (raw / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(raw / "vocab.txt"), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(raw / "vocab.txt"), do_lower_case=True)  # transformers 5 ignores vocab_file=
     tokenizer.save_pretrained(raw)
     import torch
 

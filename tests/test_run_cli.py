@@ -29,7 +29,7 @@ def test_run_end_to_end(tmp_path, corpus_file, tiny_model, fake_openai):
     for name in [
         "manifest.json", "config.toml", "corpus.jsonl", "generate/requests.jsonl", "generate/queries.jsonl", "generate/rejects.jsonl",
         "generate/prompt.toml", "generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv",
-        "mine/train.jsonl", "mine/stats.json", "train/model/modules.json", "evaluate/results.json", "evaluate/report.md",
+        "mine/train.jsonl", "mine/stats.json", "train/model/modules.json", "evaluate/results.json", "evaluate/report.md", "evaluate/report.png",
     ]:
         assert (run_dir / name).exists(), name
     queries = [json.loads(line) for line in (run_dir / "generate/queries.jsonl").read_text().splitlines()]
@@ -43,7 +43,7 @@ def test_run_end_to_end(tmp_path, corpus_file, tiny_model, fake_openai):
     report = (run_dir / "evaluate/report.md").read_text()
     assert "| base |" in report and "| fine-tuned |" in report
     results = json.loads((run_dir / "evaluate/results.json").read_text())
-    assert set(results["eval_sets"]["synthetic-test"]["models"]) == {"base", "fine-tuned"}
+    assert set(results["eval_sets"]["synthetic-test"]["models"]) == {"base", "fine-tuned", "bm25"}
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [manifest["stages"][s]["status"] for s in ("generate", "mine", "train", "evaluate")] == ["done"] * 4
     for path in run_dir.rglob("*"):

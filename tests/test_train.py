@@ -1,0 +1,75 @@
+"""Training on the tiny model: it saves and reloads, every loss trains, resume, and the guard."""
+
+import pytest
+
+from conftest import make_passages
+from embedforge.config import TrainConfig
+from embedforge.train import train
+
+
+def rows_for(passages, shuffle=False):
+    rows = []
+    for index, passage in enumerate(passages):
+        target = passages[(index + 7) % len(passages)] if shuffle else passage
+        negative = passages[(index + 1) % len(passages)]
+        rows.append({"anchor": f"what about {passage['title']} history", "positive": target["text"], "negative_1": negative["text"],
+                     "negative_ids": [negative["_id"]], "positive_id": target["_id"]})
+    rows.append({"anchor": "a query whose miner found nothing", "positive": passages[0]["text"], "negative_ids": [], "positive_id": passages[0]["_id"]})
+    return rows
+
+
+def dev_set(passages):
+    dev = passages[:12]
+    return {f"d{i}": f"what about {p['title']}" for i, p in enumerate(dev)}, {f"d{i}": {p["_id"]} for i, p in enumerate(dev)}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mini_batch_size": 2}, {"loss": "gist"}, {"matryoshka_dims": (32, 16)}],
+    ids=["mnrl", "cached-mnrl", "gist", "matryoshka"],
+)
+def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options):
+    from sentence_transformers import SentenceTransformer
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, **options), seed=0)
+    assert stats["steps"] >= 5 and stats["pairs"] == 41
+    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert model.encode(["what about apple"]).shape == (1, 32)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "embedforge" in card and "base model" in card and "improved_on_dev" in card
+
+
+def test_guard_fires_when_training_is_harmful(tmp_path, tiny_model):
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    config = TrainConfig(batch_size=8, max_seq_length=64, learning_rate=1e-3, epochs=3, warmup_ratio=0.0)
+    stats = train(rows_for(passages, shuffle=True), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    assert stats["improved_on_dev"] is False
+    assert stats["tuned_dev_ndcg@10"] <= stats["base_dev_ndcg@10"]
+
+
+def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_model, monkeypatch):
+    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    config = TrainConfig(batch_size=8, max_seq_length=64, epochs=2)
+    original = SentenceTransformerTrainer.training_step
+    calls = {"count": 0}
+
+    def dies_in_second_epoch(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 8:  # an epoch is 6 steps: the epoch-1 checkpoint exists by now
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    assert not (tmp_path / "model").exists()
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", original)
+    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    assert stats["resumed_from"] == "checkpoint-6"
+    assert stats["steps"] == 12
