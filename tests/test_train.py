@@ -11,7 +11,8 @@ def rows_for(passages, shuffle=False):
     rows = []
     for index, passage in enumerate(passages):
         target = passages[(index + 7) % len(passages)] if shuffle else passage
-        negative = passages[(index + 1) % len(passages)]
+        # Harmful on purpose: with shuffled positives, the true passage is the hard negative.
+        negative = passage if shuffle else passages[(index + 1) % len(passages)]
         rows.append({"anchor": f"what about {passage['title']} history", "positive": target["text"], "negative_1": negative["text"],
                      "negative_ids": [negative["_id"]], "positive_id": target["_id"]})
     rows.append({"anchor": "a query whose miner found nothing", "positive": passages[0]["text"], "negative_ids": [], "positive_id": passages[0]["_id"]})
@@ -44,7 +45,7 @@ def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options):
 def test_guard_fires_when_training_is_harmful(tmp_path, tiny_model):
     passages = make_passages()
     queries, qrels = dev_set(passages)
-    config = TrainConfig(batch_size=8, max_seq_length=64, learning_rate=1e-3, epochs=3, warmup_ratio=0.0)
+    config = TrainConfig(batch_size=8, max_seq_length=64, learning_rate=5e-3, epochs=5, warmup_ratio=0.0)
     stats = train(rows_for(passages, shuffle=True), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["improved_on_dev"] is False
     assert stats["tuned_dev_ndcg@10"] <= stats["base_dev_ndcg@10"]
