@@ -102,7 +102,7 @@ class TrainConfig(_Frozen):
 
     learning_rate: float = Field(2e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_seq_length: int = Field(256, ge=8)
+    max_seq_length: int = Field(128, ge=8, description="token limit while training (the saved model keeps the base model's own limit for inference)")
 
 
 class EvaluateConfig(_Frozen):

@@ -257,8 +257,12 @@ class Run:
         checkpoints = self.dir / "train/checkpoints"
         marker = checkpoints / "fingerprint.txt"
         # Checkpoints of other settings or data must not be resumed; those of this fingerprint may.
+        # Resume only an interrupted training of exactly these inputs and settings; a finished one
+        # that reruns (forced, or its model deleted) starts afresh.
+        previous = self.manifest["stages"].get("train", {})
+        interrupted = previous.get("status") != "done" and marker.exists() and marker.read_text().strip() == plan.fingerprint
         if process_rank() == 0:
-            if checkpoints.exists() and (not marker.exists() or marker.read_text().strip() != plan.fingerprint):
+            if checkpoints.exists() and not interrupted:
                 shutil.rmtree(checkpoints)
             checkpoints.mkdir(parents=True, exist_ok=True)
             marker.write_text(plan.fingerprint)
