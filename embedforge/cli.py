@@ -71,7 +71,7 @@ def with_config_flags(function):
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "sentence_transformers", "transformers", "datasets", "filelock", "urllib3"):
+    for noisy in ("httpx", "httpx2", "sentence_transformers", "transformers", "datasets", "filelock", "urllib3", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

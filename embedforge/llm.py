@@ -299,7 +299,7 @@ class LocalChatModel:
             attention_mask = torch.cat([torch.ones_like(prefix_ids).expand(size, -1), encoded["attention_mask"]], dim=1)
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(size)
-            extra = {"past_key_values": cache}
+            extra = {_cache_argument(): cache}
         else:
             encoded = self._tokenizer(texts, return_tensors="pt", padding=True).to(self._model.device)
             input_ids, attention_mask, extra = encoded["input_ids"], encoded["attention_mask"], {}
@@ -335,6 +335,13 @@ class LocalChatModel:
                 )
             )
         return completions
+
+
+def _cache_argument() -> str:
+    # transformers 5 renamed generate's `past_key_values` to `cache`.
+    import transformers
+
+    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
 def _fast_dtype(device: str):

@@ -110,7 +110,7 @@ def train(
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio (transformers 5 retired warmup_ratio)
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false in-batch negative
         seed=seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
