@@ -101,3 +101,19 @@ def test_split_is_stable_and_roughly_proportional():
     splits = [split_of(f"id{i}", 0.1, 0.2) for i in range(5000)]
     assert splits == [split_of(f"id{i}", 0.1, 0.2) for i in range(5000)]
     assert 0.17 < splits.count("test") / 5000 < 0.23 and 0.07 < splits.count("dev") / 5000 < 0.13
+
+
+def test_no_space_left_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from embedforge.files import write_jsonl
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(EmbedforgeError, match="No space left on the device") as caught:
+        write_jsonl(tmp_path / "out" / "queries.jsonl", [{"a": 1}] * 100)
+    assert "queries.jsonl" in caught.value.message
+    assert list((tmp_path / "out").iterdir()) == []

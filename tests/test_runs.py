@@ -56,7 +56,7 @@ def test_rerun_matrix(run_config, monkeypatch):
     import embedforge.embeddings as embeddings
 
     original = embeddings.encode_texts
-    monkeypatch.setattr(embeddings, "encode_texts", lambda *a, **k: encodes.append(a[2]) or original(*a, **k))
+    monkeypatch.setattr(embeddings, "encode_texts", lambda *a, **k: encodes.append(k.get("kind", a[3] if len(a) > 3 else None)) or original(*a, **k))
     assert ran(run_config()) == []
     assert CountingLLM.calls == 0 and encodes == []
 
@@ -66,6 +66,8 @@ def test_rerun_matrix(run_config, monkeypatch):
     assert runs.status(run_config(epochs=2))["train"].startswith("stale (changed: setting epochs")
     assert ran(run_config(epochs=2)) == ["train", "evaluate"]
     assert CountingLLM.calls == 0
+    assert encodes == ["document", "query"]  # the fine-tuned model only: the base model's results are cached
+    encodes.clear()
 
     # a deleted output reruns its stage; identical outputs leave the later stages alone
     (run_config().run / "mine" / "stats.json").unlink()
