@@ -8,7 +8,6 @@ Keeps:  one encoding of a corpus per model, reused by generate's round-trip filt
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -37,13 +36,23 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-@functools.lru_cache(maxsize=16)
+_IDENTITIES: dict[tuple, str] = {}
+
+
 def model_identity(name_or_path: str) -> str:
-    """Content hash of a local model folder, else the hub name: the cache key of its embeddings."""
+    """Content hash of a local model folder, else the hub name: the cache key of its embeddings.
+
+    Hashes are remembered per (folder, file sizes and times), so a model retrained in place gets
+    a new identity while an unchanged one is not hashed twice.
+    """
     resolved = resolve_model(name_or_path)
-    if Path(resolved).exists():
-        return "sha256:" + sha256_path(Path(resolved))
-    return "hub:" + resolved
+    if not Path(resolved).exists():
+        return "hub:" + resolved
+    files = sorted(p for p in Path(resolved).rglob("*") if p.is_file()) if Path(resolved).is_dir() else [Path(resolved)]
+    stamp = (resolved, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _IDENTITIES:
+        _IDENTITIES[stamp] = "sha256:" + sha256_path(Path(resolved))
+    return _IDENTITIES[stamp]
 
 
 def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None):
