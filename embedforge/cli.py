@@ -200,6 +200,44 @@ def init(directory: Path = typer.Argument(Path("."), help="where to write embedf
     typer.echo(f"Wrote {target} and {directory / 'prompts'}/. Edit them, then: embedforge run --config {target}")
 
 
+@app.command()
+def reindex(model: str = typer.Option(..., "--model", help="the model to embed with: a sentence-transformers folder (e.g. runs/NAME/train/model) or a name"),
+            corpus: Path = typer.Option(..., "--corpus", help="BEIR folder, JSONL/CSV file or folder of .txt/.md"),
+            out: Path = typer.Option(..., "--out", help="the index folder: shards, FAISS index, manifest"),
+            shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="passages per shard, the unit of resuming after a kill"),
+            dtype: str = typer.Option("float32", "--dtype", help="stored vectors: float32 or float16"),
+            index: str = typer.Option("auto", "--index", help="auto (flat up to 1M passages, IVF up to 5M, then IVF-PQ), flat, ivf, ivfpq or hnsw"),
+            batch_size: int = typer.Option(64, "--batch-size", min=1, help="passages per encoding batch"),
+            devices: Optional[str] = typer.Option(None, "--devices", help="comma-separated devices, one encoding process each: cuda:0,cuda:1 or cpu,cpu"),
+            dry_run: bool = typer.Option(False, "--dry-run", help="time a sample and print the estimated encoding time; write nothing")) -> None:
+    """Embed a corpus with a (fine-tuned) model into an index folder: resumable, and incremental on rerun."""
+    from embedforge import reindex as reindexing
+    from embedforge.config import CorpusConfig
+    from embedforge.corpus import load_corpus
+
+    _setup_logging()
+    settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices))
+    settings.check()  # before the corpus is read: a typo should not cost a corpus load
+    passages = load_corpus(CorpusConfig(corpus=corpus))
+    if dry_run:
+        typer.echo(reindexing.estimate(model, passages, out, settings).render())
+        return
+    typer.echo(reindexing.reindex(model, passages, out, settings).render(out))
+
+
+@app.command()
+def search(query: str = typer.Argument(..., help="the query text"),
+           index_dir: Path = typer.Option(..., "--index", help="a folder written by embedforge reindex"),
+           k: int = typer.Option(10, "-k", "--k", min=1, help="how many passages to show")) -> None:
+    """Search an index folder with the model that built it: rank, id, score and passage text."""
+    from embedforge import reindex as reindexing
+
+    _setup_logging()
+    for hit in reindexing.search(index_dir, query, k):
+        text = " ".join(hit.text.split())
+        typer.echo(f"{hit.rank:>3}  {hit.id}  {hit.score:.4f}  {text[:200] + ('…' if len(text) > 200 else '')}")
+
+
 def main() -> None:
     from embedforge.generate import BatchExported
 

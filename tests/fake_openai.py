@@ -186,6 +186,7 @@ def _count_words(text: Optional[str]) -> int:
 
 
 class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 refuses bursts of concurrent connections
     daemon_threads = True
     allow_reuse_address = True
     fake: "FakeOpenAI"
@@ -193,6 +194,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
+    disable_nagle_algorithm = True
     server_version = "FakeOpenAI/1.0"
     timeout = 30  # idle keep-alive connections are closed after this
 
