@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from embedforge.config import FIELD_SECTION, RunConfig, SECTIONS, load_config
+from embedforge.config import FIELD_SECTION, RunConfig, load_config
 from embedforge.errors import EmbedforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")

@@ -1,0 +1,119 @@
+"""Where queries come from besides live calls, and where held-out ones go: Batch API files,
+imported pairs, real user queries for the prompt, and the BEIR eval layout."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from embedforge.config import GenerateConfig
+from embedforge.corpus import split_of
+from embedforge.errors import EmbedforgeError
+from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, write_jsonl
+from embedforge.generate.filters import normalize_query
+
+def batch_request(key: str, model: str, messages: list, config: GenerateConfig) -> dict:
+    """One line of an OpenAI Batch API input file (also read by `vllm run-batch`)."""
+    return {
+        "custom_id": key,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": messages, "temperature": config.temperature, "max_tokens": config.max_tokens},
+    }
+
+
+def import_batch_results(path: Path, ledger_path: Path, answered: dict) -> int:
+    """Append Batch API results (`custom_id` = request_sha) to the ledger; returns how many were new."""
+    added = 0
+    with JsonlAppender(ledger_path) as ledger:
+        for line_number, row in enumerate(iter_jsonl(path), start=1):
+            key = row.get("custom_id")
+            body = ((row.get("response") or {}).get("body")) or {}
+            if not key or key in answered or (row.get("response") or {}).get("status_code", 200) != 200 or not body.get("choices"):
+                continue  # failed or unknown lines stay pending and are asked again
+            choice = body["choices"][0]
+            entry = {
+                "request_sha": key, "passage_id": None, "sample_index": None, "reask": None,
+                "response": (choice.get("message") or {}).get("content"), "finish_reason": choice.get("finish_reason"),
+                "usage": {k: v for k, v in (body.get("usage") or {}).items() if isinstance(v, int)}, "latency": None, "attempts": 1, "batch": True,
+            }
+            ledger.append(entry)
+            answered[key] = entry
+            added += 1
+    return added
+
+
+def load_user_queries(path: Path, limit: int = 20) -> list[str]:
+    """Real user queries for the prompt: a text file (one per line) or JSONL with a 'text' or 'query' field."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        queries = [str(row.get("text") or row.get("query") or "").strip() for row in iter_jsonl(path)]
+    else:
+        try:
+            queries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except FileNotFoundError as error:
+            raise EmbedforgeError("Examples file not found", where=str(path), fix="check --examples") from error
+    queries = [q for q in queries if q]
+    if not queries:
+        raise EmbedforgeError("The examples file has no queries", where=str(path), fix="one query per line, or JSONL with a 'text' field")
+    return queries[:limit]
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """(query text, passage id) pairs: a BEIR folder (queries.jsonl + qrels/train.tsv) or a JSONL file."""
+    path = Path(path)
+    if path.is_dir():
+        from embedforge.evaluate import read_qrels
+
+        texts = {str(row["_id"]): row["text"] for row in iter_jsonl(path / "queries.jsonl")}
+        qrels = read_qrels(path / "qrels" / "train.tsv")
+        return [(texts[query], doc) for query, docs in qrels.items() if query in texts for doc, grade in docs.items() if grade > 0]
+    pairs = []
+    for line_number, row in enumerate(iter_jsonl(path), start=1):
+        text = row.get("query") or row.get("text")
+        passage = row.get("passage_id") or row.get("corpus-id")
+        if not text or passage is None:
+            raise EmbedforgeError("Each imported pair needs 'query' (or 'text') and 'passage_id'", where=f"{path}, line {line_number}", fix="fix that line")
+        pairs.append((str(text), str(passage)))
+    return pairs
+
+
+def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen: set, accepted: list[dict], stats) -> None:
+    """Add existing pairs through the same splits and dedup as generated ones (no LLM filters: they are real)."""
+    known = {p["_id"] for p in passages}
+    counts: Counter = Counter()
+    for text, passage_id in read_pairs(path):
+        if passage_id not in known:
+            stats.rejected["import_unknown_passage"] += 1
+            continue
+        key = normalize_query(text) + "\t" + passage_id  # one query may have several positives
+        if key in seen:
+            stats.rejected["duplicate"] += 1
+            continue
+        seen.add(key)
+        seen.add(normalize_query(text))  # generated queries must not repeat an imported one
+        split = split_of(passage_id, config.dev_fraction, config.test_fraction)
+        accepted.append({"_id": f"{passage_id}-i{counts[passage_id]}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True})
+        counts[passage_id] += 1
+        stats.accepted[split] += 1
+
+
+def write_eval_set(folder: Path, queries: list[dict]) -> None:
+    """Held-out queries in BEIR layout (the corpus is the run's corpus.jsonl).
+
+    The same query text in one split is one query with all its passages relevant: imported
+    human queries often have several positives.
+    """
+    grouped: dict[tuple[str, str], dict] = {}
+    for query in queries:
+        if query["split"] in ("dev", "test"):
+            entry = grouped.setdefault((query["split"], normalize_query(query["text"])), {"_id": query["_id"], "text": query["text"], "split": query["split"], "passages": []})
+            entry["passages"].append(query["passage_id"])
+    write_jsonl(folder / "queries.jsonl", ({"_id": q["_id"], "text": q["text"]} for q in grouped.values()))
+    for split in ("dev", "test"):
+        with atomic_write(folder / "qrels" / f"{split}.tsv") as handle:
+            handle.write("query-id\tcorpus-id\tscore\n")
+            for query in grouped.values():
+                if query["split"] == split:
+                    for passage in query["passages"]:
+                        handle.write(f"{query['_id']}\t{passage}\t1\n")
