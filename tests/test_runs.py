@@ -48,6 +48,7 @@ def ran(config, **options):
 
 
 def test_rerun_matrix(run_config, monkeypatch):
+    assert runs.status(run_config()) == {stage: "never run" for stage in runs.STAGES}
     assert ran(run_config()) == ["generate", "mine", "train", "evaluate"]
     assert runs.status(run_config()) == {stage: "up to date" for stage in runs.STAGES}
 
