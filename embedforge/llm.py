@@ -37,7 +37,7 @@ class ChatModel(Protocol):
 
     identity: dict[str, str]
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion: ...
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion: ...
 
 
 def strip_credentials(url: str) -> str:
@@ -123,7 +123,7 @@ class OpenAIChatModel:
             return min(retry_after, self.max_wait)
         return wait_random_exponential(multiplier=0.5, max=self.max_wait)(retry_state)
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion:
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion:
         """One answer. `response_format` auto tries a JSON schema, then JSON mode, then text, remembering what the endpoint accepts."""
         import openai
 
@@ -245,10 +245,10 @@ class LocalChatModel:
         self._model = model.to(device=device, dtype=_fast_dtype(device)).eval()
         self._prefix_cache: dict[str, tuple] = {}
 
-    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text") -> Completion:
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion:
         # A 135M model writes better plain lines than JSON: the local model always answers in text.
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((messages, temperature, max_tokens, future))
+        self._pending.append((messages, temperature, max_tokens, seed, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
@@ -260,7 +260,7 @@ class LocalChatModel:
             pending = sorted(self._pending, key=lambda item: sum(len(m["content"]) for m in item[0]))
             batch, self._pending = pending[: self.batch_size], pending[self.batch_size :]
             try:
-                results = await asyncio.to_thread(self._generate, [(m, t, n) for m, t, n, _ in batch])
+                results = await asyncio.to_thread(self._generate, [(m, t, n) for m, t, n, _, _ in batch], _batch_seed(self.seed, [s for *_, s, _ in batch]))
             except Exception as error:  # every waiting caller gets the error, none is left hanging
                 for *_, future in batch:
                     if not future.done():
@@ -285,7 +285,7 @@ class LocalChatModel:
             self._prefix_cache[text] = (ids, cache)
         return (text, *self._prefix_cache[text])
 
-    def _generate(self, batch: list[tuple[Messages, float, int]]) -> list[Completion]:
+    def _generate(self, batch: list[tuple[Messages, float, int]], seed: int = 0) -> list[Completion]:
         import copy
 
         import torch
@@ -310,7 +310,7 @@ class LocalChatModel:
             input_ids, attention_mask, extra = encoded["input_ids"], encoded["attention_mask"], {}
         temperature = batch[0][1]
         max_tokens = max(item[2] for item in batch)
-        torch.manual_seed(self.seed)
+        torch.manual_seed(seed)
         with torch.inference_mode():
             output = self._model.generate(
                 input_ids=input_ids,
@@ -340,6 +340,15 @@ class LocalChatModel:
                 )
             )
         return completions
+
+
+def _batch_seed(base: int, seeds: list[int | None]) -> int:
+    """One sampling seed per batch from the callers' seeds: a new sample index (a new round over
+    the same passages) samples new answers instead of repeating the last round's."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((base, seeds)).encode("ascii")).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def _cache_argument() -> str:

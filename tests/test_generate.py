@@ -56,7 +56,7 @@ class ScriptedLLM:
         self.calls = 0
         self.answer = answer or (lambda passage, call: f"what about {passage.split()[1]} {passage.split()[4]} history")
 
-    async def complete(self, messages, *, temperature, max_tokens, response_format="text"):
+    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
         self.calls += 1
         content = messages[-1]["content"].splitlines()
         passage = "\n".join(line for line in content if not line.startswith("####") and line != "Passage:")

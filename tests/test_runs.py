@@ -15,7 +15,7 @@ class CountingLLM:
     identity = {"model": "counting", "base_url": "memory"}
     calls = 0
 
-    async def complete(self, messages, *, temperature, max_tokens, response_format="text"):
+    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
         CountingLLM.calls += 1
         # Like a real model, the answer depends on the prompt: an edited prompt gives other queries.
         suffix = " care" if "please" in messages[0]["content"] else ""
@@ -99,7 +99,7 @@ def test_failed_stage_is_recorded_and_leaves_no_partial_output(run_config):
     class Broken:
         identity = {"model": "broken", "base_url": "memory"}
 
-        async def complete(self, messages, *, temperature, max_tokens, response_format="text"):
+        async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
             raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
 
     config = run_config()

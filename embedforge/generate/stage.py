@@ -137,7 +137,9 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
             if _budget_spent(budget, stats, config):
                 return key, None
             budget["calls"] += 1
-            completion = await llm.complete(messages, temperature=config.temperature, max_tokens=config.max_tokens, response_format=config.response_format)
+            completion = await llm.complete(
+                messages, temperature=config.temperature, max_tokens=config.max_tokens, response_format=config.response_format, seed=int(key[:8], 16)
+            )
             stats.usage.update(completion.usage)
         row = {
             "request_sha": key,
