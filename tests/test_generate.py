@@ -213,3 +213,21 @@ def test_structured_output_falls_back_when_the_endpoint_refuses(fake_openai):
     assert parse_queries(first.text, 3) == ["a b c"]
     formats = [request.get("response_format", {}).get("type") for request in fake_openai.requests]
     assert formats == ["json_schema", "json_object", None, None]  # text is remembered for the second call
+
+
+def test_each_round_samples_with_a_new_seed(tmp_path):
+    from embedforge.llm import _batch_seed
+
+    seeds = {}
+
+    class Recording(ScriptedLLM):
+        async def complete(self, messages, **options):
+            seeds.setdefault(messages[-1]["content"], []).append(options["seed"])
+            return await super().complete(messages, **options)
+
+    # Every passage answers the same text each round: round 1 is needed, and asks again.
+    with pytest.raises(EmbedforgeError):
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=100, max_rounds=2), Recording(lambda p, c: "same answer here"), seed=0)
+    per_passage = [values for values in seeds.values() if len(values) == 2]
+    assert per_passage and all(first != second for first, second in per_passage)
+    assert _batch_seed(0, [1, 2]) != _batch_seed(0, [1, 3]) and _batch_seed(0, [1, 2]) == _batch_seed(0, [1, 2])
