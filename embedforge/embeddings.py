@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,12 +78,20 @@ def passage_text(passage: dict) -> str:
     return f"{title} {passage['text']}".strip()
 
 
-def encode_texts(model, texts: list[str], batch_size: int, kind: str) -> np.ndarray:
+def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None, progress: bool | None = None) -> np.ndarray:
+    """Normalized float32 vectors; `pool` is a sentence-transformers multi-process pool (several devices)."""
     encode = model.encode_query if kind == "query" else model.encode_document
-    vectors = encode(
-        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=len(texts) > 256 or None
-    )
+    show = (len(texts) > 256 or None) if progress is None else progress
+    vectors = encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show, pool=pool)
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def encode_throughput(model, texts: list[str], batch_size: int, pool=None) -> float:
+    """Passages per second that `model` encodes on this machine; the first batch warms up untimed."""
+    encode_texts(model, texts[:batch_size], batch_size, kind="document", pool=pool, progress=False)
+    started = time.perf_counter()
+    encode_texts(model, texts, batch_size, kind="document", pool=pool, progress=False)
+    return len(texts) / max(time.perf_counter() - started, 1e-9)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,6 @@ def mine(
     """Write mine/train.jsonl and mine/stats.json; `queries` are the accepted training queries."""
     out_dir = Path(out_dir)
     position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
-    text_of = {p["_id"]: p["text"] for p in passages}
     passages_by_id = {p["_id"]: p for p in passages}
     normalized_text = {p["_id"]: normalize_query(p["text"]) for p in passages}
     positives_of_text: dict[str, set[str]] = defaultdict(set)
@@ -140,9 +139,9 @@ def mine(
             shortfalls += 1
         positive_scores.append(positive_score)
         negative_scores.extend(score for _, score in negatives)
-        row = {"anchor": query["text"], "positive": text_of[positive]}
+        row = {"anchor": query["text"], "positive": passages_by_id[positive]["text"]}
         for number, (negative, _) in enumerate(negatives, start=1):
-            row[f"negative_{number}"] = text_of[negative]
+            row[f"negative_{number}"] = passages_by_id[negative]["text"]
         row.update(
             query_id=query["_id"],
             positive_id=positive,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedforge.embeddings import IndexSpec, build_index, configure_index, encode_texts, load_model, model_identity, passage_text, resolve_model
+from embedforge.embeddings import IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text, resolve_model
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, iter_jsonl, read_json, sha256_text, write_json
 
@@ -110,7 +110,7 @@ def format_duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
+        return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
 
 
@@ -119,11 +119,8 @@ def parse_devices(text: str | None) -> tuple[str, ...]:
 
 
 def encode_passages(model, texts: list[str], batch_size: int, pool=None) -> np.ndarray:
-    """Normalized document vectors, as `encode_texts` makes them, optionally on a multi-process pool."""
-    vectors = model.encode_document(
-        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False, pool=pool
-    )
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    """Document vectors for one shard (the shard loop has its own progress bar)."""
+    return encode_texts(model, texts, batch_size, kind="document", pool=pool, progress=False)
 
 
 def resolve_index_kind(kind: str, count: int) -> str:
@@ -413,14 +410,10 @@ def estimate(model_name: str, passages: list[dict], out_dir: Path, settings: Rei
         wanted = max(DRY_RUN_SAMPLE, 2 * settings.batch_size) * max(1, len(settings.devices))
         chosen = np.unique(np.linspace(0, len(plan.pending) - 1, num=min(len(plan.pending), wanted)).astype(int))
         sample = [plan.texts[plan.pending[i]] for i in chosen]
-        encode_passages(model, sample[: settings.batch_size], settings.batch_size, pool)  # first call pays one-off set-up
-        timer = time.perf_counter()
-        encode_passages(model, sample, settings.batch_size, pool)
-        elapsed = max(time.perf_counter() - timer, 1e-9)
+        rate = encode_throughput(model, sample, settings.batch_size, pool)
     finally:
         if pool is not None:
             model.stop_multi_process_pool(pool)
-    rate = len(sample) / elapsed
     return Estimate(len(passages), len(plan.pending), len(sample), rate, len(plan.pending) / rate, plan.notes)
 
 

@@ -6,7 +6,6 @@ measures the fine-tuned model's encoding throughput on this machine for the rein
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from embedforge.errors import EmbedforgeError
 from embedforge.evaluate.metrics import verdict
 from embedforge.files import iter_jsonl, read_json
+from embedforge.reindex import format_duration
 
 OFF_THE_SHELF = "off-the-shelf"
 MORE_DATA = "generate more data first"
@@ -36,14 +36,6 @@ class Decision:
         return "\n".join([f"Recommendation: {self.recommendation}", *(f"- {reason}" for reason in self.reasons)])
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def decide(target: float, base_ndcg: float, finetuned_ndcg: float | None, delta_ci: tuple[float, float] | None, bm25_ndcg: float | None,
            pairs: int, corpus_size: int, throughput: float | None, p_value: float | None = None, min_pairs: int = MIN_PAIRS,
            max_ci_width: float = MAX_CI_WIDTH, bm25_competitive: float = BM25_COMPETITIVE) -> Decision:
@@ -51,7 +43,7 @@ def decide(target: float, base_ndcg: float, finetuned_ndcg: float | None, delta_
     reindex = corpus_size / throughput if throughput else None
     facts = {"target": target, "base_ndcg@10": base_ndcg, "finetuned_ndcg@10": finetuned_ndcg, "delta_ci95": list(delta_ci) if delta_ci else None,
              "p_value": p_value, "bm25_ndcg@10": bm25_ndcg, "pairs": pairs, "corpus_size": corpus_size, "throughput_passages_per_s": throughput, "reindex_seconds": reindex}
-    reindex_reason = (f"reindexing the {corpus_size:,}-passage corpus with the fine-tuned model takes ~{_duration(reindex)} on this machine "
+    reindex_reason = (f"reindexing the {corpus_size:,}-passage corpus with the fine-tuned model takes ~{format_duration(reindex)} on this machine "
                       f"(measured {throughput:.1f} passages/s)") if reindex is not None else "reindex time unknown (throughput not measured)"
 
     def result(recommendation: str, *reasons: str) -> Decision:
@@ -85,16 +77,11 @@ def decide(target: float, base_ndcg: float, finetuned_ndcg: float | None, delta_
 
 def measure_throughput(model_name: str, passages: list[dict], batch_size: int = 64) -> float:
     """Passages per second that `model_name` encodes on this machine (model loading not counted)."""
-    from embedforge.embeddings import encode_texts, load_model, passage_text
+    from embedforge.embeddings import encode_throughput, load_model, passage_text
 
     if not passages:
         raise EmbedforgeError("No passages to time the encoder on", where="decide", fix="the run's corpus.jsonl is empty")
-    model = load_model(model_name)
-    texts = [passage_text(p) for p in passages]
-    encode_texts(model, texts[:8], batch_size, kind="document")  # warm-up: the first call pays one-time setup
-    started = time.perf_counter()
-    encode_texts(model, texts, batch_size, kind="document")
-    return len(texts) / max(time.perf_counter() - started, 1e-9)
+    return encode_throughput(load_model(model_name), [passage_text(p) for p in passages], batch_size)
 
 
 def _sample_corpus(path: Path, size: int, seed: int) -> tuple[int, list[dict]]:
