@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import openai
 import pytest
@@ -147,4 +148,9 @@ def test_max_in_flight(fake_openai):
         t.join(10)
     assert not errors and len(results) == n
     assert fake_openai.max_in_flight == n
+    # The server decrements after it has written the response, so the client
+    # can see its answer a moment before the count drops: wait for it.
+    deadline = time.monotonic() + 5
+    while fake_openai.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert fake_openai.in_flight == 0
