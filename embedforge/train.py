@@ -36,6 +36,15 @@ def training_datasets(rows: list[dict]):
     return DatasetDict({f"negatives_{count}": Dataset.from_list(group) for count, group in sorted(groups.items())})
 
 
+def column_prompts(model, datasets) -> dict[str, str] | None:
+    """Train with the prompts the model encodes with: its query prompt on anchors, its document prompt on the rest."""
+    query, document = model.prompts.get("query", ""), model.prompts.get("document", "")
+    if not query and not document:
+        return None
+    columns = {column for dataset in datasets.values() for column in dataset.column_names}
+    return {column: query if column == "anchor" else document for column in sorted(columns)}
+
+
 def dev_evaluator(passages: list[dict], dev_queries: dict[str, str], dev_qrels: dict[str, set[str]], batch_size: int):
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.util import cos_sim
@@ -54,13 +63,13 @@ def dev_evaluator(passages: list[dict], dev_queries: dict[str, str], dev_qrels: 
     )
 
 
-def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = False):
+def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = False, prompts: dict[str, str] | None = None):
     """The training loss: in-batch + hard negatives ranking, cached for big batches, GIST, Matryoshka."""
     from sentence_transformers.sentence_transformer import losses
 
     # Across several GPUs, gathering embeddings makes every device's batch a negative for all.
     if config.loss == "gist":
-        guide = load_model(base_model, max_seq_length=config.max_seq_length)
+        guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
         loss_class = losses.CachedGISTEmbedLoss if config.mini_batch_size else losses.GISTEmbedLoss
         options = {"guide": guide, "gather_across_devices": distributed}
     else:
@@ -85,6 +94,7 @@ def train(
     seed: int,
     encode_batch_size: int = 64,
     model_card_notes: dict | None = None,
+    prompts: dict[str, str] | None = None,
 ) -> dict:
     import torch
     from sentence_transformers.base.sampler import BatchSamplers
@@ -94,7 +104,7 @@ def train(
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    model = load_model(base_model)
+    model = load_model(base_model, prompts=prompts)
     # Train on truncated texts (all-MiniLM-L6-v2 itself was trained at 128 tokens: about twice as
     # fast as 256 on a CPU); the saved model keeps the base model's limit for inference.
     inference_length = model.max_seq_length
@@ -113,6 +123,9 @@ def train(
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio (transformers 5 retired warmup_ratio)
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false in-batch negative
         seed=seed,
+        # accelerate sets up multi-CPU DDP only when told the run is on CPU (gloo); on GPUs it picks NCCL.
+        use_cpu=distributed and not cuda,
+        ddp_backend="gloo" if distributed and not cuda else None,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         fp16=cuda and not torch.cuda.is_bf16_supported(),
         eval_strategy="epoch" if evaluator else "no",
@@ -126,12 +139,13 @@ def train(
         logging_steps=10,
         report_to="none",
         disable_tqdm=os.environ.get("EMBEDFORGE_PROGRESS") == "0",
+        prompts=column_prompts(model, datasets),
     )
     trainer = SentenceTransformerTrainer(
         model=model,
         args=arguments,
         train_dataset=datasets,
-        loss=make_loss(model, config, base_model, distributed=distributed),
+        loss=make_loss(model, config, base_model, distributed=distributed, prompts=prompts),
         evaluator=evaluator,
     )
     last = get_last_checkpoint(str(checkpoints))
