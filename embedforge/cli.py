@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from embedforge.config import FIELD_SECTION, RunConfig, load_config
+from embedforge.config import FIELD_SECTION, RunConfig, encoder_prompts, load_config
 from embedforge.errors import EmbedforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")
@@ -165,7 +165,10 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
     labels = [label if labels.count(label) == 1 else name for label, name in zip(labels, model)]
     if len(set(labels)) != len(labels):
         raise EmbedforgeError("The same model is given twice", where="--model", fix="pass each model once")
-    evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size)
+    # Standalone, --query-prompt/--passage-prompt apply to every --model (a model's own prompts otherwise).
+    prompts = {name: encoder_prompts(config) for name in model}
+    evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size,
+                            prompts=prompts)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
 

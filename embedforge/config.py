@@ -119,6 +119,8 @@ class RunConfig(_Frozen):
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field("auto", description="FAISS index over the base model's corpus embeddings: auto = exact up to exact_max passages, else IVF")
     exact_max: int = Field(1_000_000, ge=1, description="largest corpus searched exactly when index = auto")
     nprobe: int = Field(32, ge=1, description="IVF lists probed per query (HNSW: efSearch = 4 x nprobe)")
+    query_prompt: str | None = Field(None, description="text the base model puts before each query, e.g. BGE's 'Represent this sentence for searching relevant passages: '; unset = the model's own")
+    passage_prompt: str | None = Field(None, description="text the base model puts before each passage; unset = the model's own")
     corpus: CorpusConfig = CorpusConfig()
     generate: GenerateConfig = GenerateConfig()
     mine: MineConfig = MineConfig()
@@ -131,6 +133,12 @@ class RunConfig(_Frozen):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+
+def encoder_prompts(config: RunConfig) -> dict[str, str]:
+    """The prompts set for the base model, in sentence-transformers' names ("query", "document")."""
+    prompts = {"query": config.query_prompt, "document": config.passage_prompt}
+    return {name: text for name, text in prompts.items() if text is not None}
 
 
 SECTIONS = ("corpus", "generate", "mine", "train", "evaluate")

@@ -56,7 +56,11 @@ def model_identity(name_or_path: str) -> str:
     return _IDENTITIES[stamp]
 
 
-def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None):
+def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None, prompts: dict[str, str] | None = None):
+    """A SentenceTransformer; `prompts` ({"query": ..., "document": ...}) override the model's own.
+
+    encode_query/encode_document apply them, and a model trained from this one saves them.
+    """
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_model(name_or_path)
@@ -70,6 +74,8 @@ def load_model(name_or_path: str, max_seq_length: int | None = None, device: str
         ) from error
     if max_seq_length:
         model.max_seq_length = max_seq_length
+    if prompts:
+        model.prompts = {**model.prompts, **prompts}
     return model
 
 
@@ -160,13 +166,17 @@ class CorpusEmbeddings:
         return self.index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
 
 
-def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None) -> str:
+def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None, prompts: dict[str, str] | None = None) -> str:
     corpus_hash = sha256_json([[p["_id"], passage_text(p)] for p in passages])
-    return sha256_json({"model": model_identity(model_name), "max_seq_length": max_seq_length, "normalize": True, "corpus": corpus_hash, "format": 1})
+    key = {"model": model_identity(model_name), "max_seq_length": max_seq_length, "normalize": True, "corpus": corpus_hash, "format": 1}
+    if prompts and "document" in prompts:  # only an override counts: a saved prompt is part of the model's identity
+        key["passage_prompt"] = prompts["document"]
+    return sha256_json(key)
 
 
 def corpus_embeddings(
-    model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None, index_spec: IndexSpec = IndexSpec()
+    model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None,
+    index_spec: IndexSpec = IndexSpec(), prompts: dict[str, str] | None = None,
 ) -> CorpusEmbeddings:
     """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored.
 
@@ -174,14 +184,14 @@ def corpus_embeddings(
     """
     import faiss
 
-    key = corpus_key(model_name, passages, max_seq_length)
+    key = corpus_key(model_name, passages, max_seq_length, prompts)
     folder = Path(cache_dir) / "embeddings" / key if cache_dir else None
     if folder and (folder / "vectors.npy").exists() and (folder / "ids.json").exists():
         ids = read_json(folder / "ids.json")
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
         logger.info("corpus embeddings: cache hit %s", key[:12])
     else:
-        model = model or load_model(model_name, max_seq_length=max_seq_length)
+        model = model or load_model(model_name, max_seq_length=max_seq_length, prompts=prompts)
         vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
         ids = [p["_id"] for p in passages]
         if folder:

@@ -27,7 +27,7 @@ from embedforge import evaluate as evaluate_stage
 from embedforge import generate as generate_stage
 from embedforge import mine as mine_stage
 from embedforge import train as train_stage
-from embedforge.config import RunConfig, fingerprint_fields, toml_literal
+from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
 from embedforge.corpus import load_corpus, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
@@ -114,7 +114,7 @@ class Run:
     def base_model(self):
         from embedforge.embeddings import load_model
 
-        return load_model(self.config.base_model)
+        return load_model(self.config.base_model, prompts=encoder_prompts(self.config))
 
     @functools.cached_property
     def base_embeddings(self):
@@ -123,7 +123,8 @@ class Run:
         from embedforge.embeddings import IndexSpec
 
         spec = IndexSpec(self.config.index, self.config.exact_max, self.config.nprobe)
-        return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model, index_spec=spec)
+        return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model, index_spec=spec,
+                                 prompts=encoder_prompts(self.config))
 
     def encode_queries(self, texts: list[str]):
         from embedforge.embeddings import encode_texts
@@ -170,6 +171,8 @@ class Run:
     def plan(self, stage: str) -> StagePlan:
         config = self.config
         shared = {"seed": config.seed, "base_model": self.base_identity, "index": [config.index, config.exact_max, config.nprobe]}
+        if encoder_prompts(config):  # absent when unset, so runs made before prompts existed stay up to date
+            shared["encoder_prompts"] = encoder_prompts(config)
         eval_files = ["generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv"]
         if stage == "generate":
             # Files are inputs: their contents count, not where they are.
@@ -273,7 +276,8 @@ class Run:
             "LLM": self.config.generate.base_url and f"{self.config.generate.llm_model} at {self.config.generate.base_url}" or "local SmolLM2-135M-Instruct",
         }
         rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))
-        return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.dir / "train", self.config.train, self.config.seed, self.config.encode_batch_size, notes)
+        return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.dir / "train", self.config.train, self.config.seed, self.config.encode_batch_size, notes,
+                                 prompts=encoder_prompts(self.config))
 
     def _run_evaluate(self, plan: StagePlan) -> dict:
         synthetic = evaluate_stage.load_beir(
@@ -289,7 +293,7 @@ class Run:
         train_rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))  # for the contamination check
         return evaluate_stage.evaluate(
             eval_sets, models, self.dir / "evaluate", self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
-            self.config.encode_batch_size, notes, train_rows=train_rows,
+            self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
         )
 
     def record(self, plan: StagePlan, entry: dict) -> None:

@@ -21,11 +21,11 @@ BM25_MODEL = "bm25"
 BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "stemmer": None}
 
 
-def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int) -> dict[str, list[str]]:
+def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int, prompts: dict[str, str] | None = None) -> dict[str, list[str]]:
     from embedforge.embeddings import corpus_embeddings, encode_texts, load_model
 
-    model = load_model(model_name)
-    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model)
+    model = load_model(model_name, prompts=prompts)
+    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts)
     query_ids = list(eval_set.queries)
     query_vectors = encode_texts(model, [eval_set.queries[q] for q in query_ids], batch_size, kind="query")
     _, indices = embeddings.search(query_vectors, TOP_K)
@@ -50,7 +50,7 @@ def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
     return {query: [ids[d] for d, s in zip(row, row_scores) if s > 0] for query, row, row_scores in zip(query_ids, documents, scores)}
 
 
-def result_key(model_name: str, eval_set: EvalSet) -> str:
+def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | None = None) -> str:
     if model_name == BM25_MODEL:
         import bm25s
 
@@ -59,15 +59,21 @@ def result_key(model_name: str, eval_set: EvalSet) -> str:
         from embedforge.embeddings import model_identity
 
         identity = model_identity(model_name)
-    return sha256_json({"model": identity, "eval_set": eval_set.sha256, "metrics": METRICS_VERSION, "top_k": TOP_K})
+    key = {"model": identity, "eval_set": eval_set.sha256, "metrics": METRICS_VERSION, "top_k": TOP_K}
+    if prompts:
+        key["prompts"] = prompts
+    return sha256_json(key)
 
 
-def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64) -> dict:
-    """{"binary": per-query metrics, "graded": per-query metrics, "ranked": top-100 ids per query}, cached by content."""
-    path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set)}.json" if cache_dir else None
+def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64, prompts: dict[str, str] | None = None) -> dict:
+    """{"binary": per-query metrics, "graded": per-query metrics, "ranked": top-100 ids per query}, cached by content.
+
+    `prompts` override the model's own query/document prompts.
+    """
+    path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set, prompts)}.json" if cache_dir else None
     if path and path.exists():
         return read_json(path)
-    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size)
+    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size, prompts)
     result = {"binary": ir_metrics(ranked, eval_set.qrels), "graded": ir_metrics(ranked, eval_set.qrels, graded=True), "ranked": ranked}
     if path:
         write_json(path, result)

@@ -66,11 +66,13 @@ def biggest_changes(eval_set: EvalSet, reference: dict, result: dict, count: int
 
 
 def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: Path | None, resamples: int = 10_000, seed: int = 0,
-            batch_size: int = 64, train_rows: list[dict] | None = None) -> dict:
+            batch_size: int = 64, train_rows: list[dict] | None = None, prompts: dict[str, dict[str, str]] | None = None) -> dict:
     """Results for every (eval set, model); the first model is the reference for deltas and CIs.
 
     `models` are (label, model name or path) pairs; the name "bm25" is the BM25 lexical reference.
+    `prompts` maps a model name to the query/document prompts that override its own.
     """
+    prompts = prompts or {}
     labels = [label for label, _ in models]
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique: {labels}")
@@ -83,7 +85,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
             logger.warning("CONTAMINATION in %s: %d shared query texts, %d shared positives", eval_set.name, check["shared_query_texts"], check["shared_positives"])
         entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
                  "contamination": check, "models": {}}
-        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size) for label, name in models}
+        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name)) for label, name in models}
         reference = per_model[reference_label]
         for label, model_name in models:
             result = per_model[label]
@@ -93,7 +95,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
             low, high = paired_bootstrap(np.array(list(result["binary"]["ndcg@10"].values())), resamples, seed)
             per_query = {name: _rounded(values) for name, values in result["binary"].items()}
             per_query.update({f"graded_{name}": _rounded(values) for name, values in result["graded"].items() if name.startswith("ndcg")})
-            model_entry = {"model": model_name, "scores": scores, "ci95": {"ndcg@10": [round(low, 6), round(high, 6)]}, "per_query": per_query}
+            model_entry = {"model": model_name, **({"prompts": prompts[model_name]} if prompts.get(model_name) else {}), "scores": scores, "ci95": {"ndcg@10": [round(low, 6), round(high, 6)]}, "per_query": per_query}
             if label != reference_label:
                 model_entry["versus_reference"] = versus_reference(reference, result, resamples, seed)
                 if model_name != BM25_MODEL:  # the examples are about what fine-tuning changed
@@ -104,7 +106,8 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
 
 
 def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
-             batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None) -> dict:
+             batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None,
+             prompts: dict[str, dict[str, str]] | None = None) -> dict:
     """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
 
     With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
@@ -114,7 +117,7 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     models = list(models)
     if bm25 and all(name != BM25_MODEL and label != "bm25" for label, name in models):
         models.append(("bm25", BM25_MODEL))
-    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows)
+    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts)
     results["notes"] = notes or []
     render_chart(results, out_dir / "report.png")
     write_text(out_dir / "report.md", render_report(results, notes))
