@@ -26,7 +26,7 @@ from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
 from embedforge.generate import normalize_query
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: positives and negatives are title + text, as the models encode passages
 RULES = ("positive", "known_positive", "duplicate_text", "duplicate_cosine", "test_split", "relative_margin", "absolute_margin", "max_score", "cross_encoder")
 
 
@@ -139,9 +139,9 @@ def mine(
             shortfalls += 1
         positive_scores.append(positive_score)
         negative_scores.extend(score for _, score in negatives)
-        row = {"anchor": query["text"], "positive": passages_by_id[positive]["text"]}
+        row = {"anchor": query["text"], "positive": passage_text(passages_by_id[positive])}
         for number, (negative, _) in enumerate(negatives, start=1):
-            row[f"negative_{number}"] = passages_by_id[negative]["text"]
+            row[f"negative_{number}"] = passage_text(passages_by_id[negative])
         row.update(
             query_id=query["_id"],
             positive_id=positive,

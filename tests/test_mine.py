@@ -50,7 +50,7 @@ def test_mine_never_returns_positive_duplicates_or_test(tmp_path):
     passages, vectors = [], []
     for index in range(30):
         vectors.append(_unit(base + 0.5 * rng.normal(size=16)))
-        passages.append({"_id": f"p{index}", "title": "", "text": f"passage number {index}"})
+        passages.append({"_id": f"p{index}", "title": f"title{index}", "text": f"passage number {index}"})
     vectors[1] = vectors[0].copy()  # p1: embedding duplicate of the positive p0
     passages[2]["text"] = "Passage number 0!"  # p2: same normalized text as p0
     matrix = np.stack(vectors)
@@ -64,7 +64,11 @@ def test_mine_never_returns_positive_duplicates_or_test(tmp_path):
     rows = read_jsonl(tmp_path / "train.jsonl")
     negatives = set(rows[0]["negative_ids"])
     assert not negatives & {"p0", "p1", "p2", "p3", "p4", "p5"}
-    assert len(rows[0]["negative_ids"]) == 5 and rows[0]["negative_1"]
+    assert len(rows[0]["negative_ids"]) == 5
+    # Training texts are what the models encode: title + text.
+    assert rows[0]["positive"] == "title0 passage number 0"
+    negative = rows[0]["negative_ids"][0]
+    assert rows[0]["negative_1"] == f"title{negative[1:]} passage number {negative[1:]}"
     assert stats["dropped"]["duplicate_cosine"] >= 1 and stats["dropped"]["duplicate_text"] >= 1
     assert stats["dropped"]["test_split"] == 4  # p4, p5 for both queries
 
