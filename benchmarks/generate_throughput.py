@@ -1,7 +1,8 @@
 """Generate throughput against a fake endpoint with a fixed latency per call.
 
 2,000 passages at concurrency 64 through the real generate stage (OpenAI client, ledger,
-filters), against a local fake OpenAI-compatible server that answers every call after 100 ms.
+filters), against a local fake OpenAI-compatible server (its own process, asyncio) that answers every
+call after 100 ms.
 Prints achieved calls/s, the ideal (concurrency / latency), and a sequential client's calls/s on
 the same endpoint (one call at a time, as LlamaIndex's generate_qa_embedding_pairs does).
 """
@@ -10,20 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import itertools
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import openai
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fake_openai import FakeOpenAI  # noqa: E402
-
-from embedforge.config import DEFAULT_PROMPT, GenerateConfig  # noqa: E402
-from embedforge.generate import generate  # noqa: E402
-from embedforge.llm import OpenAIChatModel  # noqa: E402
-from embedforge.prompts import load_prompt  # noqa: E402
+from embedforge.config import DEFAULT_PROMPT, GenerateConfig
+from embedforge.generate import generate
+from embedforge.llm import OpenAIChatModel
+from embedforge.prompts import load_prompt
 
 
 def responder(body: dict) -> str:
@@ -45,11 +44,38 @@ async def raw_client(base_url: str, passages: list[dict], concurrency: int) -> f
     return len(passages) / (time.perf_counter() - started)
 
 
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float) -> None:
+    """HTTP/1.1 keep-alive: read a request, wait `latency` without holding the CPU, answer."""
+    ids = itertools.count()
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+            body = json.loads(await reader.readexactly(length)) if length else {}
+            await asyncio.sleep(latency)
+            text = responder(body)
+            payload = json.dumps({
+                "id": f"chatcmpl-{next(ids)}", "object": "chat.completion", "created": 0, "model": body.get("model", "fake-model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 8, "total_tokens": 108},
+            }).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        writer.close()
+
+
 def serve(latency: float, addresses) -> None:
-    # The endpoint runs in its own process, as a real one would: it must not share our GIL.
-    with FakeOpenAI(responder=responder, latency=latency) as fake:
-        addresses.put(fake.base_url)
-        time.sleep(3600)
+    """The endpoint, in its own process as a real one would be: an asyncio server whose CPU cost per
+    call is small, so that on a 2-core machine it measures the client, not the fake endpoint."""
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: _answer(r, w, latency), "127.0.0.1", 0, backlog=1024)
+        host, port = server.sockets[0].getsockname()[:2]
+        addresses.put(f"http://{host}:{port}/v1")
+        await server.serve_forever()
+
+    asyncio.run(main())
 
 
 def main() -> None:
