@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from embedforge.corpus import unit_hash
 from embedforge.evaluate import read_qrels
 from embedforge.files import iter_jsonl, write_jsonl
 
@@ -35,16 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOWN = ("ndcg@10", "recall@100", "mrr@10")
 
 
-def human_pairs(dataset: Path, out: Path, positives_per_query: int) -> int:
-    """Train queries with up to `positives_per_query` of their relevant passages (chosen by hash, so stable)."""
+def human_pairs(dataset: Path, out: Path) -> int:
+    """Every (train query, relevant passage) pair of qrels/train.tsv; only train query ids are kept."""
     qrels = read_qrels(dataset / "qrels" / "train.tsv")
     texts = {str(row["_id"]): row["text"] for row in iter_jsonl(dataset / "queries.jsonl") if str(row["_id"]) in qrels}
-    pairs = []
-    for query, docs in sorted(qrels.items()):
-        if query not in texts:
-            continue
-        relevant = sorted((doc for doc, grade in docs.items() if grade > 0), key=lambda doc: (-docs[doc], unit_hash(query + "\t" + doc)))
-        pairs += [{"query": texts[query], "passage_id": doc} for doc in relevant[:positives_per_query]]
+    pairs = [{"query": texts[query], "passage_id": doc} for query, docs in sorted(qrels.items()) if query in texts for doc, grade in sorted(docs.items()) if grade > 0]
     write_jsonl(out, pairs)
     return len(pairs)
 
@@ -56,7 +50,7 @@ def main() -> int:
         print(f"skipped: {dataset} is not a BEIR folder with corpus.jsonl and qrels/test.tsv")
         return 0
     source = arguments.queries_from
-    settings = hashlib.sha256(json.dumps([source, arguments.positives_per_query, extra]).encode()).hexdigest()[:8]
+    settings = hashlib.sha256(json.dumps([source, arguments.max_positives_per_query, extra]).encode()).hexdigest()[:8]
     label = source if source in ("llm", "human") else "file"
     run = (arguments.run or ROOT / "runs" / "quality" / f"{dataset.name}-{label}-{settings}").resolve()
     run.mkdir(parents=True, exist_ok=True)
@@ -67,9 +61,10 @@ def main() -> int:
         if not (dataset / "qrels" / "train.tsv").exists():
             print(f"skipped: {dataset} has no qrels/train.tsv for --queries-from human")
             return 0
-        count = human_pairs(dataset, run / "human-pairs.jsonl", arguments.positives_per_query)
-        print(f"human pairs: {count} from {dataset / 'qrels/train.tsv'} (at most {arguments.positives_per_query} per query)")
-        command += ["--queries", str(run / "human-pairs.jsonl"), "--llm-model", "none", "--min-pairs", "1"]
+        count = human_pairs(dataset, run / "human-pairs.jsonl")
+        print(f"human pairs: {count} from {dataset / 'qrels/train.tsv'}; training on at most {arguments.max_positives_per_query} per query")
+        command += ["--queries", str(run / "human-pairs.jsonl"), "--llm-model", "none", "--min-pairs", "1",
+                    "--max-positives-per-query", str(arguments.max_positives_per_query)]
     elif source != "llm":
         command += ["--queries", str(Path(source).resolve()), "--llm-model", "none", "--min-pairs", "1"]
     command += extra
@@ -112,7 +107,8 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("dataset", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv (and qrels/train.tsv for human)")
     parser.add_argument("--queries-from", default="llm", help="llm | human | FILE (JSONL of query + passage_id)")
-    parser.add_argument("--positives-per-query", type=int, default=1, help="human: relevant passages kept per train query")
+    parser.add_argument("--max-positives-per-query", type=int, default=2,
+                        help="human: train on at most this many relevant passages per query (NFCorpus has ~43; the rest stay known positives)")
     parser.add_argument("--run", type=Path, default=None, help="run directory (default: runs/quality/<dataset>-<source>-<settings hash>)")
     parser.add_argument("--cache", type=Path, default=ROOT / "cache", help="embedding cache, shared between runs")
     return parser.parse_args(own), extra

@@ -58,6 +58,9 @@ class GenerateConfig(_Frozen):
     max_reasks: int = Field(2, ge=0, description="re-ask a passage whose answer could not be parsed, at most this many times")
     examples: Path | None = Field(None, description="file of real user queries (one per line, or JSONL with 'text'), shown to the LLM for style")
     queries: Path | None = Field(None, description="existing pairs to import: JSONL of query + passage_id, or a BEIR folder (queries + qrels/train.tsv)")
+    max_positives_per_query: int | None = Field(
+        None, ge=1, description="imported queries: train on at most this many of a query's passages; the rest stay known positives that mining never uses as negatives"
+    )
     export_batch: Path | None = Field(None, description="write the pending requests as OpenAI Batch API JSONL and stop")
     import_batch: Path | None = Field(None, description="load OpenAI Batch API results into the request ledger before generating")
     temperature: float = Field(0.7, ge=0, le=2)

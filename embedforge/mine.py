@@ -5,7 +5,8 @@ Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "qu
         "positive_id", "negative_ids", "positive_score", "negative_scores"}), mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
-Per query, candidates come from the rank window range_min..range_max (counted over the
+Imported queries may bring more positives than are trained on (`known_only`): those are
+known positives too. Per query, candidates come from the rank window range_min..range_max (counted over the
 candidates that survive the rules below, as sentence-transformers does). A candidate is dropped
 when it is a known positive of the same query text, a near-duplicate of the positive (same
 normalized text, or cosine >= duplicate_threshold), a test passage, or scores too close to
@@ -81,7 +82,12 @@ def mine(
     seed: int,
     cross_encoder=None,
 ) -> dict:
-    """Write mine/train.jsonl and mine/stats.json; `queries` are the accepted training queries."""
+    """Write mine/train.jsonl and mine/stats.json.
+
+    `queries` are the accepted training queries; those marked `known_only` (imported positives
+    beyond max_positives_per_query) get no row, but count as known positives of their query.
+    `query_vectors` has one row per query that is not `known_only`, in order.
+    """
     out_dir = Path(out_dir)
     position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
     passages_by_id = {p["_id"]: p for p in passages}
@@ -89,6 +95,7 @@ def mine(
     positives_of_text: dict[str, set[str]] = defaultdict(set)
     for query in queries:
         positives_of_text[normalize_query(query["text"])].add(query["passage_id"])
+    queries = [query for query in queries if not query.get("known_only")]
 
     # Known positives are removed from the candidates, so search past the window by their number.
     most_positives = max((len(ids) for ids in positives_of_text.values()), default=1)

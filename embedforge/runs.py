@@ -247,7 +247,10 @@ class Run:
         queries = [q for q in iter_jsonl(self.dir / "generate/queries.jsonl") if q["split"] == "train"]
         generate_config = self.config.generate
         test_ids = {p["_id"] for p in self.passages if split_of(p["_id"], generate_config.dev_fraction, generate_config.test_fraction) == "test"}
-        vectors = self.encode_queries([q["text"] for q in queries])
+        # Real queries often repeat with several positives: each text is encoded once.
+        texts = sorted({q["text"] for q in queries if not q.get("known_only")})
+        row_of = {text: row for row, text in enumerate(texts)}
+        vectors = self.encode_queries(texts)[[row_of[q["text"]] for q in queries if not q.get("known_only")]]
         cross_encoder = load_cross_encoder(self.config.mine.cross_encoder) if self.config.mine.cross_encoder else None
         return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed, cross_encoder)
 

@@ -152,7 +152,10 @@ def train(
     if last:
         logger.info("resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
-    tuned_dev = evaluator(model).get(DEV_METRIC) if evaluator else None
+    # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.
+    tuned_dev = trainer.state.best_metric if arguments.load_best_model_at_end else None
+    if tuned_dev is None and evaluator:
+        tuned_dev = evaluator(model).get(DEV_METRIC)
 
     improved = None if base_dev is None or tuned_dev is None else tuned_dev > base_dev
     stats = {

@@ -231,3 +231,33 @@ def test_each_round_samples_with_a_new_seed(tmp_path):
     per_passage = [values for values in seeds.values() if len(values) == 2]
     assert per_passage and all(first != second for first, second in per_passage)
     assert _batch_seed(0, [1, 2]) != _batch_seed(0, [1, 3]) and _batch_seed(0, [1, 2]) == _batch_seed(0, [1, 2])
+
+
+def test_an_imported_query_stays_in_one_split_and_trains_on_at_most_the_capped_positives(tmp_path):
+    from embedforge.corpus import split_of
+    from embedforge.generate.filters import normalize_query
+
+    passages = make_passages()
+    # 12 real queries with 3 positives each: the shape of BEIR train qrels.
+    pairs = [{"query": f"real question number {n}", "passage_id": passages[(3 * n + k) % 40]["_id"]} for n in range(12) for k in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    config = _config(min_pairs=1, queries=path, llm_model="none", dev_fraction=0.25, test_fraction=0.25, max_positives_per_query=1)
+    stats = generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / "out", config, None, seed=0)
+    rows = read_jsonl(tmp_path / "out" / "queries.jsonl")
+    splits = {}
+    for row in rows:
+        splits.setdefault(row["text"], set()).add(row["split"])
+        assert row["split"] == split_of("query:" + normalize_query(row["text"]), 0.25, 0.25)
+    assert all(len(found) == 1 for found in splits.values()) and len(splits) == 12
+    assert {split for found in splits.values() for split in found} == {"train", "dev", "test"}  # this seed of names covers all three
+    for text, (split,) in splits.items():
+        own = [row for row in rows if row["text"] == text]
+        assert len(own) == 3
+        trained = [row for row in own if not row.get("known_only")]
+        assert len(trained) == (1 if split == "train" else 3)
+    assert stats["accepted"]["known_only"] == 2 * sum(found == {"train"} for found in splits.values())
+    # Held-out queries keep all their positives in the qrels.
+    qrels = (tmp_path / "out" / "eval" / "qrels" / "dev.tsv").read_text().splitlines()[1:]
+    dev_queries = sum(found == {"dev"} for found in splits.values())
+    assert len(qrels) == 3 * dev_queries

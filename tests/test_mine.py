@@ -84,6 +84,22 @@ def test_shortfall_is_counted_not_padded(tmp_path):
     assert stats["shortfalls"] == 1
 
 
+def test_known_only_positives_get_no_row_and_are_never_negatives(tmp_path):
+    passages = [{"_id": f"p{i}", "title": "", "text": f"text {i}"} for i in range(6)]
+    matrix = np.eye(6, dtype=np.float32)
+    embeddings = CorpusEmbeddings(ids=[p["_id"] for p in passages], vectors=matrix, index=build_index(matrix), key="k")
+    queries = [
+        {"_id": "q-a", "text": "real query", "passage_id": "p0", "split": "train"},
+        {"_id": "q-b", "text": "real query", "passage_id": "p1", "split": "train", "known_only": True},
+        {"_id": "q-c", "text": "real query", "passage_id": "p2", "split": "train", "known_only": True},
+    ]
+    stats = mine(passages, queries, embeddings, matrix[:1], tmp_path, MineConfig(num_negatives=5, relative_margin=None), set(), seed=0)
+    rows = read_jsonl(tmp_path / "train.jsonl")
+    assert [row["query_id"] for row in rows] == ["q-a"] and stats["rows"] == 1
+    assert set(rows[0]["negative_ids"]) == {"p3", "p4", "p5"}
+    assert stats["dropped"]["known_positive"] == 2
+
+
 class JudgeEverythingAbout:
     """A stand-in cross-encoder: judges relevant any passage whose text contains a word."""
 

@@ -3,11 +3,11 @@ imported pairs, real user queries for the prompt, and the BEIR eval layout."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from embedforge.config import GenerateConfig
-from embedforge.corpus import split_of
+from embedforge.corpus import split_of, unit_hash
 from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, write_jsonl
 from embedforge.generate.filters import normalize_query
@@ -79,23 +79,42 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen: set, accepted: list[dict], stats) -> None:
-    """Add existing pairs through the same splits and dedup as generated ones (no LLM filters: they are real)."""
+    """Add existing pairs with the same dedup as generated ones (no LLM filters: they are real).
+
+    A query keeps all its pairs in one split, chosen by a hash of its text: real queries often have
+    several positives, and splitting those by passage would put the same query in training and in
+    the held-out sets, whose qrels would then miss most of its positives. In the train split, at
+    most `max_positives_per_query` pairs of a query are trained on (chosen by hash); the others
+    are kept as known positives (`known_only`), so mining never takes them for negatives.
+    """
     known = {p["_id"] for p in passages}
-    counts: Counter = Counter()
+    by_query: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for text, passage_id in read_pairs(path):
         if passage_id not in known:
             stats.rejected["import_unknown_passage"] += 1
             continue
-        key = normalize_query(text) + "\t" + passage_id  # one query may have several positives
+        key = normalize_query(text) + "\t" + passage_id
         if key in seen:
             stats.rejected["duplicate"] += 1
             continue
         seen.add(key)
         seen.add(normalize_query(text))  # generated queries must not repeat an imported one
-        split = split_of(passage_id, config.dev_fraction, config.test_fraction)
-        accepted.append({"_id": f"{passage_id}-i{counts[passage_id]}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True})
-        counts[passage_id] += 1
-        stats.accepted[split] += 1
+        by_query[normalize_query(text)].append((text, passage_id))
+    counts: Counter = Counter()
+    cap = config.max_positives_per_query
+    for normalized, pairs in by_query.items():
+        split = split_of("query:" + normalized, config.dev_fraction, config.test_fraction)
+        if split == "train" and cap is not None:
+            pairs = sorted(pairs, key=lambda pair: unit_hash(normalized + "\t" + pair[1]))
+        for rank, (text, passage_id) in enumerate(pairs):
+            row = {"_id": f"{passage_id}-i{counts[passage_id]}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
+            counts[passage_id] += 1
+            if split == "train" and cap is not None and rank >= cap:
+                row["known_only"] = True
+                stats.accepted["known_only"] += 1
+            else:
+                stats.accepted[split] += 1
+            accepted.append(row)
 
 
 def write_eval_set(folder: Path, queries: list[dict]) -> None:
