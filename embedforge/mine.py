@@ -5,12 +5,13 @@ Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "qu
         "positive_id", "negative_ids", "positive_score", "negative_scores"}), mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
-Imported queries may bring more positives than are trained on (`known_only`): those are
-known positives too. Per query, candidates come from the rank window range_min..range_max (counted over the
-candidates that survive the rules below, as sentence-transformers does). A candidate is dropped
-when it is a known positive of the same query text, a near-duplicate of the positive (same
-normalized text, or cosine >= duplicate_threshold), a test passage, or scores too close to
-the positive (positive-aware margins, NV-Retriever's TopK-PercPos). A query with too few
+Per query, candidates come from the rank window range_min..range_max, counted over the
+candidates that survive the rules below, as sentence-transformers does. The rules, in the order
+a dropped candidate is counted under: the positive itself, another known positive of the same
+query text (imported `known_only` positives included), the same normalized text as the
+positive, a test passage, a score too close to the positive (positive-aware margins,
+NV-Retriever's TopK-PercPos), a near-duplicate of the positive (cosine >= duplicate_threshold),
+and, with a cross-encoder, a passage it judges relevant. A query with too few
 valid candidates keeps what it has and is counted as a shortfall: never padded.
 """
 
@@ -21,6 +22,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from embedforge.config import MineConfig
 from embedforge.embeddings import CorpusEmbeddings, passage_text
@@ -28,47 +30,84 @@ from embedforge.files import write_json, write_jsonl
 from embedforge.generate import normalize_query
 
 STAGE_VERSION = 2  # 2: positives and negatives are title + text, as the models encode passages
-RULES = ("positive", "known_positive", "duplicate_text", "duplicate_cosine", "test_split", "relative_margin", "absolute_margin", "max_score", "cross_encoder")
+RULES = ("positive", "known_positive", "duplicate_text", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
+KEEP = 0  # rule code of a candidate no rule dropped; rule i of RULES has code i + 1
+_CODE = {rule: number for number, rule in enumerate(RULES, start=1)}
 
 
-def select_negatives(
-    candidate_ids: list[str],
-    candidate_scores: list[float],
-    positive_score: float,
-    excluded: dict[str, str],
-    duplicate_of_positive: set[str],
-    config: MineConfig,
-    rng: random.Random,
-    judged_relevant: set[str] = frozenset(),
-) -> tuple[list[tuple[str, float]], Counter]:
-    """Negatives for one query from its ranked candidates (pure: no index, no model).
+def exclusion_codes(candidates: np.ndarray, positive: int, known: np.ndarray, text_group: np.ndarray, in_test: np.ndarray) -> np.ndarray:
+    """Per candidate (corpus positions, ranked), the code of the first identity rule that drops it, else KEEP.
 
-    `excluded` maps a passage id to the rule that excludes it for this query. The rank window
-    range_min..range_max applies to the candidates that survive every rule, as in
-    sentence-transformers' mine_hard_negatives, so excluded positives never eat the window.
+    `known` holds the positions of every known positive of the query, `text_group` a number per
+    normalized passage text, `in_test` the test-split passages.
     """
-    dropped: Counter = Counter()
-    kept = []
-    cap = positive_score - abs(positive_score) * config.relative_margin if config.relative_margin is not None else None
-    for candidate, score in zip(candidate_ids, candidate_scores):
-        if candidate in excluded:
-            dropped[excluded[candidate]] += 1
-        elif candidate in duplicate_of_positive:
-            dropped["duplicate_cosine"] += 1
-        elif config.absolute_margin is not None and score + config.absolute_margin > positive_score:
-            dropped["absolute_margin"] += 1
-        elif cap is not None and score > cap:
-            dropped["relative_margin"] += 1
-        elif config.max_score is not None and score > config.max_score:
-            dropped["max_score"] += 1
-        elif candidate in judged_relevant:
-            dropped["cross_encoder"] += 1
-        else:
-            kept.append((candidate, score))
-    kept = kept[config.range_min : config.range_max]
+    codes = np.zeros(len(candidates), dtype=np.int8)
+    for rule, hit in (
+        ("positive", candidates == positive),
+        ("known_positive", np.isin(candidates, known)),
+        ("duplicate_text", text_group[candidates] == text_group[positive]),
+        ("test_split", in_test[candidates]),
+    ):
+        codes[(codes == KEEP) & hit] = _CODE[rule]
+    return codes
+
+
+def margin_codes(scores: np.ndarray, codes: np.ndarray, positive_score: float, config: MineConfig) -> np.ndarray:
+    """Drop candidates that score too close to the positive (positive-aware margins, NV-Retriever's TopK-PercPos)."""
+    codes = codes.copy()
+    rules = []
+    if config.absolute_margin is not None:
+        rules.append(("absolute_margin", scores + config.absolute_margin > positive_score))
+    if config.relative_margin is not None:
+        rules.append(("relative_margin", scores > positive_score - abs(positive_score) * config.relative_margin))
+    if config.max_score is not None:
+        rules.append(("max_score", scores > config.max_score))
+    for rule, hit in rules:
+        codes[(codes == KEEP) & hit] = _CODE[rule]
+    return codes
+
+
+def window(codes: np.ndarray, config: MineConfig, rng: random.Random) -> list[int]:
+    """The negatives: ranks range_min..range_max among the candidates no rule dropped, as in
+    sentence-transformers' mine_hard_negatives (excluded positives never eat the window), then
+    the top num_negatives or a random sample of them, best first."""
+    kept = np.flatnonzero(codes == KEEP)[config.range_min : config.range_max].tolist()
     if config.sampling == "random" and len(kept) > config.num_negatives:
-        kept = sorted(rng.sample(kept, config.num_negatives), key=lambda item: -item[1])
-    return kept[: config.num_negatives], dropped
+        kept = sorted(rng.sample(kept, config.num_negatives))
+    return kept[: config.num_negatives]
+
+
+def dropped_by_rule(codes: np.ndarray) -> Counter:
+    counts = np.bincount(codes, minlength=len(RULES) + 1)
+    return Counter({rule: int(counts[code]) for rule, code in _CODE.items() if counts[code]})
+
+
+def _drop_near_duplicates_and_judged(codes, candidates, positive, vectors, config, query_text, passages_by_id, ids, cross_encoder) -> np.ndarray:
+    """Among the candidates the cheaper rules kept, drop near-duplicates of the positive (cosine >=
+    duplicate_threshold) and, with a cross-encoder, those it judges relevant. Both look only as far
+    down the ranking as the window reaches: vectors are gathered, and pairs scored, in blocks."""
+    codes = codes.copy()
+    open_positions = np.flatnonzero(codes == KEEP)
+    start = 0
+    while start < len(open_positions):
+        survivors = int(np.count_nonzero(codes[open_positions[:start]] == KEEP))
+        if survivors >= config.range_max:
+            break
+        block = open_positions[start : start + config.range_max - survivors + 8]
+        similarity = vectors[candidates[block]] @ vectors[positive]
+        codes[block[similarity >= config.duplicate_threshold]] = _CODE["duplicate_cosine"]
+        if cross_encoder is not None:
+            remaining = block[codes[block] == KEEP]
+            if len(remaining):
+                pairs = [(query_text, passage_text(passages_by_id[ids[candidates[i]]])) for i in remaining]
+                relevance = np.asarray(cross_encoder.predict(pairs, show_progress_bar=False), dtype=float)
+                codes[remaining[relevance >= config.cross_encoder_threshold]] = _CODE["cross_encoder"]
+        start += len(block)
+    return codes
+
+
+def progress_rows(queries: list[dict]):
+    return tqdm(queries, desc="mine", unit="query", disable=None if len(queries) > 1000 else True)
 
 
 def mine(
@@ -91,70 +130,61 @@ def mine(
     out_dir = Path(out_dir)
     position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
     passages_by_id = {p["_id"]: p for p in passages}
-    normalized_text = {p["_id"]: normalize_query(p["text"]) for p in passages}
+    groups: dict[str, int] = {}
+    text_group = np.array([groups.setdefault(normalize_query(passages_by_id[i]["text"]), len(groups)) for i in embeddings.ids], dtype=np.int64)
+    in_test = np.array([i in test_ids for i in embeddings.ids], dtype=bool)
     positives_of_text: dict[str, set[str]] = defaultdict(set)
     for query in queries:
         positives_of_text[normalize_query(query["text"])].add(query["passage_id"])
+    known_positions = {text: np.array(sorted(position[p] for p in ids), dtype=np.int64) for text, ids in positives_of_text.items()}
     queries = [query for query in queries if not query.get("known_only")]
+    normalized = [normalize_query(query["text"]) for query in queries]
 
-    # Known positives are removed from the candidates, so search past the window by their number.
+    # Rows that share a query text (one per positive) share one search. Known positives are
+    # removed from the candidates, so search past the window by their number.
+    first_row = {}
+    for row_number, query in enumerate(queries):
+        first_row.setdefault(query["text"], row_number)
+    slot = {text: number for number, text in enumerate(first_row)}
     most_positives = max((len(ids) for ids in positives_of_text.values()), default=1)
-    scores, indices = embeddings.search(query_vectors, config.range_max + most_positives)
-    vectors = embeddings.vectors
+    scores, indices = embeddings.search(query_vectors[list(first_row.values())], config.range_max + most_positives)
+    vectors = np.asarray(embeddings.vectors)  # a plain view of a memory map: no per-access wrapper
     rng = random.Random(seed)
     rows, dropped_total, shortfalls = [], Counter(), 0
     weakest_positive: dict[str, float] = {}
     positive_scores, negative_scores = [], []
-    for row_number, query in enumerate(queries):
-        positive = query["passage_id"]
-        positive_vector = np.asarray(vectors[position[positive]])
-        positive_score = float(np.dot(query_vectors[row_number], positive_vector))
+    for row_number, query in enumerate(progress_rows(queries)):
+        positive = position[query["passage_id"]]
+        positive_score = float(np.dot(query_vectors[row_number], vectors[positive]))
         # Margins count from the weakest known positive of this query text: anything scoring near
         # any known positive is likely a false negative.
-        known = positives_of_text[normalize_query(query["text"])]
+        known = known_positions[normalized[row_number]]
         if len(known) == 1:
             margin_reference = positive_score
         else:
-            cache_key = normalize_query(query["text"])
-            if cache_key not in weakest_positive:
-                weakest_positive[cache_key] = float((np.asarray(vectors[sorted(position[p] for p in known)]) @ query_vectors[row_number]).min())
-            margin_reference = weakest_positive[cache_key]
-        candidate_ids = [embeddings.ids[i] for i in indices[row_number] if i >= 0]
-        candidate_scores = [float(s) for s, i in zip(scores[row_number], indices[row_number]) if i >= 0]
-        excluded = {}
-        for candidate in candidate_ids:
-            if candidate == positive:
-                excluded[candidate] = "positive"
-            elif candidate in positives_of_text[normalize_query(query["text"])]:
-                excluded[candidate] = "known_positive"
-            elif normalized_text[candidate] == normalized_text[positive]:
-                excluded[candidate] = "duplicate_text"
-            elif candidate in test_ids:
-                excluded[candidate] = "test_split"
-        candidate_matrix = np.asarray(vectors[[position[c] for c in candidate_ids]]) if candidate_ids else np.zeros((0, len(positive_vector)))
-        similarity_to_positive = candidate_matrix @ positive_vector
-        duplicates = {c for c, similarity in zip(candidate_ids, similarity_to_positive) if similarity >= config.duplicate_threshold and c != positive}
-        judged_relevant = set()
-        if cross_encoder is not None:
-            window = [c for c in candidate_ids if c not in excluded and c not in duplicates]
-            if window:
-                relevance = cross_encoder.predict([(query["text"], passage_text(passages_by_id[c])) for c in window], show_progress_bar=False)
-                judged_relevant = {c for c, score in zip(window, relevance) if float(score) >= config.cross_encoder_threshold}
-        negatives, dropped = select_negatives(candidate_ids, candidate_scores, margin_reference, excluded, duplicates, config, rng, judged_relevant)
-        dropped_total.update(dropped)
+            if normalized[row_number] not in weakest_positive:
+                weakest_positive[normalized[row_number]] = float((vectors[known] @ query_vectors[row_number]).min())
+            margin_reference = weakest_positive[normalized[row_number]]
+        found = indices[slot[query["text"]]]
+        candidates, candidate_scores = found[found >= 0], scores[slot[query["text"]]][found >= 0]
+        codes = margin_codes(candidate_scores, exclusion_codes(candidates, positive, known, text_group, in_test), margin_reference, config)
+        codes = _drop_near_duplicates_and_judged(codes, candidates, positive, vectors, config, query["text"], passages_by_id, embeddings.ids, cross_encoder)
+        negatives = window(codes, config, rng)
+        dropped_total.update(dropped_by_rule(codes))
         if len(negatives) < config.num_negatives:
             shortfalls += 1
         positive_scores.append(positive_score)
-        negative_scores.extend(score for _, score in negatives)
-        row = {"anchor": query["text"], "positive": passage_text(passages_by_id[positive])}
-        for number, (negative, _) in enumerate(negatives, start=1):
+        negative_scores.extend(float(candidate_scores[i]) for i in negatives)
+        negative_ids = [embeddings.ids[candidates[i]] for i in negatives]
+        row = {"anchor": query["text"], "positive": passage_text(passages_by_id[query["passage_id"]])}
+        for number, negative in enumerate(negative_ids, start=1):
             row[f"negative_{number}"] = passage_text(passages_by_id[negative])
         row.update(
             query_id=query["_id"],
-            positive_id=positive,
-            negative_ids=[n for n, _ in negatives],
+            positive_id=query["passage_id"],
+            negative_ids=negative_ids,
             positive_score=round(positive_score, 6),
-            negative_scores=[round(s, 6) for _, s in negatives],
+            negative_scores=[round(float(candidate_scores[i]), 6) for i in negatives],
         )
         rows.append(row)
 

@@ -9,34 +9,42 @@ import pytest
 
 from embedforge.embeddings import CorpusEmbeddings, IndexSpec, build_index, configure_index
 from embedforge.files import read_jsonl
-from embedforge.mine import mine, select_negatives
+from embedforge.mine import dropped_by_rule, exclusion_codes, margin_codes, mine, window
 
 
 def test_relative_margin_on_hand_built_scores():
     config = MineConfig(num_negatives=3, relative_margin=0.1, range_max=10)
-    ids = ["a", "b", "c", "d", "e"]
-    scores = [0.95, 0.85, 0.80, 0.5, 0.4]  # the positive scores 0.9: the cap is 0.9 - 0.09 = 0.81
-    negatives, dropped = select_negatives(ids, scores, 0.9, {}, set(), config, random.Random(0))
-    assert [n for n, _ in negatives] == ["c", "d", "e"]
-    assert dropped["relative_margin"] == 2
+    scores = np.array([0.95, 0.85, 0.80, 0.5, 0.4])  # the positive scores 0.9: the cap is 0.9 - 0.09 = 0.81
+    codes = margin_codes(scores, np.zeros(5, dtype=np.int8), 0.9, config)
+    assert window(codes, config, random.Random(0)) == [2, 3, 4]
+    assert dropped_by_rule(codes) == {"relative_margin": 2}
+
+
+def test_absolute_margin_and_max_score_on_hand_built_scores():
+    config = MineConfig(num_negatives=5, relative_margin=None, absolute_margin=0.1, max_score=0.7)
+    scores = np.array([0.85, 0.75, 0.72, 0.6])  # positive 0.9: absolute drops > 0.8, max_score drops > 0.7
+    codes = margin_codes(scores, np.zeros(4, dtype=np.int8), 0.9, config)
+    assert window(codes, config, random.Random(0)) == [3]
+    assert dropped_by_rule(codes) == {"absolute_margin": 1, "max_score": 2}
 
 
 def test_exclusions_and_window_over_survivors():
     config = MineConfig(num_negatives=3, relative_margin=None, range_min=1, range_max=3)
-    ids = ["top", "pos", "other_pos", "test", "dup", "ok", "beyond", "far"]
-    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
-    excluded = {"pos": "positive", "other_pos": "known_positive", "test": "test_split"}
-    negatives, dropped = select_negatives(ids, scores, 0.8, excluded, {"dup"}, config, random.Random(0))
-    # survivors: top, ok, beyond, far; the window 1..3 of them skips "top" and stops before "far"
-    assert negatives == [("ok", 0.4), ("beyond", 0.3)]
-    assert dropped == {"positive": 1, "known_positive": 1, "test_split": 1, "duplicate_cosine": 1}
+    # corpus positions 0..7 ranked in this order; 1 is the positive, 2 another known positive,
+    # 3 a test passage, 4 has the positive's text, 5..7 are fine, 0 is fine too
+    candidates = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    text_group = np.array([0, 1, 2, 3, 1, 5, 6, 7])
+    in_test = np.array([False, False, False, True, False, False, False, False])
+    codes = exclusion_codes(candidates, positive=1, known=np.array([1, 2]), text_group=text_group, in_test=in_test)
+    # survivors: 0, 5, 6, 7; the window 1..3 of them skips 0 and stops before 7
+    assert window(codes, config, random.Random(0)) == [5, 6]
+    assert dropped_by_rule(codes) == {"positive": 1, "known_positive": 1, "test_split": 1, "duplicate_text": 1}
 
 
-def test_random_sampling_keeps_count():
+def test_random_sampling_keeps_count_and_order():
     config = MineConfig(num_negatives=2, relative_margin=None, sampling="random")
-    ids = [f"n{i}" for i in range(10)]
-    negatives, _ = select_negatives(ids, [0.1] * 10, 0.9, {}, set(), config, random.Random(3))
-    assert len(negatives) == 2 and len({n for n, _ in negatives}) == 2
+    chosen = window(np.zeros(10, dtype=np.int8), config, random.Random(3))
+    assert len(chosen) == 2 and len(set(chosen)) == 2 and chosen == sorted(chosen)
 
 
 def _unit(vector):
