@@ -172,8 +172,12 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
         stats.rejected[reason] += 1
         rejects.append({"passage_id": work.passage["_id"], "split": work.split, "text": text, "reason": reason, "request_sha": key})
 
-    async def process(batch: list[_Work], ledger: JsonlAppender, progress) -> None:
-        tasks = [asyncio.create_task(answer(work, ledger)) for work in batch]
+    def launch(batch: list[_Work], ledger: JsonlAppender) -> list[asyncio.Task]:
+        return [asyncio.create_task(answer(work, ledger)) for work in batch]
+
+    async def process(batch: list[_Work], ledger: JsonlAppender, progress, tasks: list[asyncio.Task] | None = None) -> None:
+        """Wait for the answers of `batch` (its `tasks`, when launched already) and filter them, in passage order."""
+        tasks = tasks if tasks is not None else launch(batch, ledger)
         try:
             results = [await task for task in tasks]
         except BaseException:
@@ -226,7 +230,7 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     chunk = max(64, config.concurrency * 4)
     with JsonlAppender(ledger_path) as ledger:
         if llm is not None:
-            await _run_loop(held_out, by_split["train"], chunk, process, ledger, stats, budget, config, exported)
+            await _run_loop(held_out, by_split["train"], chunk, process, launch, ledger, stats, budget, config, exported)
 
     if exported is not None:
         count = write_jsonl(config.export_batch, exported)
@@ -255,26 +259,52 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     return stats.as_dict()
 
 
-async def _run_loop(held_out, train_passages, chunk, process, ledger, stats, budget, config, exported) -> None:
-    with tqdm(total=len(held_out), desc="generate held-out queries", unit="passage", disable=None) as progress:
-        for start in range(0, len(held_out), chunk):
-            await process(held_out[start : start + chunk], ledger, progress)
-    with tqdm(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair", disable=None) as pairs_bar:
-        # An export cannot know which answers will pass the filters: it writes one full round.
-        rounds = 1 if exported is not None else config.max_rounds
-        for sample_index in range(rounds):
-            if stats.accepted["train"] >= config.min_pairs and exported is None:
-                break
-            stats.rounds = sample_index + 1
-            train_work = [_Work(p, "train", sample_index) for p in train_passages]
-            for start in range(0, len(train_work), chunk):
-                before = stats.accepted["train"]
-                await process(train_work[start : start + chunk], ledger, _NullBar())
-                pairs_bar.update(min(stats.accepted["train"], config.min_pairs) - min(before, config.min_pairs))
-                if exported is None and (stats.accepted["train"] >= config.min_pairs or _budget_spent(budget, stats, config)):
+async def _run_loop(held_out, train_passages, chunk, process, launch, ledger, stats, budget, config, exported) -> None:
+    """Chunks are filtered one after the other, in order, so the outcome does not depend on timing;
+    the next chunk's calls start while the current one is finishing whenever that chunk is
+    certainly needed, so the endpoint never waits on the filters or on a chunk's last answers."""
+    pending: list[asyncio.Task] = []
+    try:
+        with tqdm(total=len(held_out), desc="generate held-out queries", unit="passage", disable=None) as progress:
+            chunks = [held_out[start : start + chunk] for start in range(0, len(held_out), chunk)]
+            tasks = launch(chunks[0], ledger) if chunks else []
+            for number, batch in enumerate(chunks):
+                pending = launch(chunks[number + 1], ledger) if number + 1 < len(chunks) else []
+                await process(batch, ledger, progress, tasks)
+                tasks = pending
+        pending = []
+        with tqdm(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair", disable=None) as pairs_bar:
+            # An export cannot know which answers will pass the filters: it writes one full round.
+            rounds = 1 if exported is not None else config.max_rounds
+            for sample_index in range(rounds):
+                if stats.accepted["train"] >= config.min_pairs and exported is None:
                     break
-            if _budget_spent(budget, stats, config):
-                break
+                stats.rounds = sample_index + 1
+                train_work = [_Work(p, "train", sample_index) for p in train_passages]
+                chunks = [train_work[start : start + chunk] for start in range(0, len(train_work), chunk)]
+                tasks = None
+                for number, batch in enumerate(chunks):
+                    before = stats.accepted["train"]
+                    tasks = tasks if tasks is not None else launch(batch, ledger)
+                    # Even if every answer of this chunk passed, min_pairs would not be reached: the next is needed.
+                    needed = exported is not None or before + len(batch) * config.queries_per_passage < config.min_pairs
+                    pending = launch(chunks[number + 1], ledger) if needed and number + 1 < len(chunks) else []
+                    await process(batch, ledger, _NullBar(), tasks)
+                    tasks = pending or None
+                    pairs_bar.update(min(stats.accepted["train"], config.min_pairs) - min(before, config.min_pairs))
+                    if exported is None and (stats.accepted["train"] >= config.min_pairs or _budget_spent(budget, stats, config)):
+                        break
+                for task in pending:  # launched but not needed after all (the budget ran out)
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                pending = []
+                if _budget_spent(budget, stats, config):
+                    break
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class BatchExported(EmbedforgeError):
