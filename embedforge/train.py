@@ -70,12 +70,14 @@ def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = F
     # Across several GPUs, gathering embeddings makes every device's batch a negative for all.
     if config.loss == "gist":
         guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
-        loss_class = losses.CachedGISTEmbedLoss if config.mini_batch_size else losses.GISTEmbedLoss
-        options = {"guide": guide, "gather_across_devices": distributed}
+        # The cached variant: the plain GISTEmbedLoss takes at most one hard negative per row, and
+        # rows carry up to num_negatives. Without --mini-batch-size, the whole batch is one mini-batch.
+        loss_class = losses.CachedGISTEmbedLoss
+        options = {"guide": guide, "gather_across_devices": distributed, "mini_batch_size": config.mini_batch_size or config.batch_size}
     else:
         loss_class = losses.CachedMultipleNegativesRankingLoss if config.mini_batch_size else losses.MultipleNegativesRankingLoss
         options = {"gather_across_devices": distributed}
-    if config.mini_batch_size:
+    if config.mini_batch_size and config.loss != "gist":
         options["mini_batch_size"] = config.mini_batch_size
     loss = loss_class(model, **options)
     if config.matryoshka_dims:

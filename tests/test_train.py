@@ -16,6 +16,10 @@ def rows_for(passages, shuffle=False):
         rows.append({"anchor": f"what about {passage['title']} history", "positive": target["text"], "negative_1": negative["text"],
                      "negative_ids": [negative["_id"]], "positive_id": target["_id"]})
     rows.append({"anchor": "a query whose miner found nothing", "positive": passages[0]["text"], "negative_ids": [], "positive_id": passages[0]["_id"]})
+    # Mining keeps up to num_negatives (3 by default): every loss must take more than one.
+    rows += [{"anchor": f"how is {passage['title']} made", "positive": passage["text"], "negative_1": passages[index + 1]["text"],
+              "negative_2": passages[index + 2]["text"], "negative_ids": [passages[index + 1]["_id"], passages[index + 2]["_id"]], "positive_id": passage["_id"]}
+             for index, passage in enumerate(passages[:8])]
     return rows
 
 
@@ -35,7 +39,7 @@ def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options):
     passages = make_passages()
     queries, qrels = dev_set(passages)
     stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, **options), seed=0)
-    assert stats["steps"] >= 5 and stats["pairs"] == 41
+    assert stats["steps"] >= 5 and stats["pairs"] == 49
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert model.encode(["what about apple"]).shape == (1, 32)
     card = (tmp_path / "model" / "README.md").read_text()
@@ -62,7 +66,7 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_
 
     def dies_in_second_epoch(self, *args, **kwargs):
         calls["count"] += 1
-        if calls["count"] == 8:  # an epoch is 6 steps: the epoch-1 checkpoint exists by now
+        if calls["count"] == 9:  # an epoch is 7 steps: the epoch-1 checkpoint exists by now
             raise KeyboardInterrupt("killed")
         return original(self, *args, **kwargs)
 
@@ -72,5 +76,5 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_
     assert not (tmp_path / "model").exists()
     monkeypatch.setattr(SentenceTransformerTrainer, "training_step", original)
     stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
-    assert stats["resumed_from"] == "checkpoint-6"
-    assert stats["steps"] == 12
+    assert stats["resumed_from"] == "checkpoint-7"
+    assert stats["steps"] == 14
