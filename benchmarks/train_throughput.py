@@ -90,7 +90,8 @@ def worker(kind: str, rows: list[dict]) -> dict:
     if kind in ("ours", "plain"):
         started = time.perf_counter()
         if kind == "ours":
-            stats = train(rows, [], {}, {}, model_path, out, TrainConfig(batch_size=BATCH, max_seq_length=128), seed=0)
+            config = TrainConfig(loss="mnrl", learning_rate=2e-5, batch_size=BATCH, max_seq_length=128)
+            stats = train(rows, [], {}, {}, model_path, out, config, seed=0)
             steps = stats["steps"]
         else:
             model = SentenceTransformer(model_path)

@@ -92,7 +92,9 @@ class MineConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    loss: Literal["mnrl", "gist"] = Field("mnrl", description="mnrl: MultipleNegativesRankingLoss; gist: GISTEmbedLoss guided by the base model")
+    loss: Literal["gist", "mnrl"] = Field(
+        "gist", description="gist: in-batch ranking loss whose negatives the base model screens for false negatives (GISTEmbedLoss); mnrl: MultipleNegativesRankingLoss"
+    )
     mini_batch_size: int | None = Field(None, ge=1, description="use the cached (GradCache) loss with this mini-batch: large batches in small memory")
     matryoshka_dims: tuple[int, ...] = Field((), description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384,256,128,64")
     epochs: int = Field(1, ge=1)
@@ -103,7 +105,7 @@ class TrainConfig(_Frozen):
     def _comma_separated(cls, value: Any) -> Any:
         return [int(part) for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
-    learning_rate: float = Field(2e-5, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(128, ge=8, description="token limit while training (the saved model keeps the base model's own limit for inference)")
 

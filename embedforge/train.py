@@ -1,4 +1,4 @@
-"""Stage 3, train: fine-tune the base model on mined tuples with MultipleNegativesRankingLoss.
+"""Stage 3, train: fine-tune the base model on mined tuples with an in-batch ranking loss.
 
 Reads:  mine/train.jsonl, corpus.jsonl and the dev split of generate/eval (never test).
 Writes: train/model/ (SentenceTransformer.save() output with a model card),

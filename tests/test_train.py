@@ -30,8 +30,8 @@ def dev_set(passages):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"mini_batch_size": 2}, {"loss": "gist"}, {"matryoshka_dims": (32, 16)}],
-    ids=["mnrl", "cached-mnrl", "gist", "matryoshka"],
+    [{"loss": "mnrl"}, {"loss": "mnrl", "mini_batch_size": 2}, {}, {"matryoshka_dims": (32, 16)}],
+    ids=["mnrl", "cached-mnrl", "gist-default", "matryoshka"],
 )
 def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options):
     from sentence_transformers import SentenceTransformer
