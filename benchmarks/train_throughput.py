@@ -104,7 +104,7 @@ def worker(kind: str, rows: list[dict]) -> dict:
     # Peak memory of one loss at batch 128.
     model = SentenceTransformer(model_path)
     model.max_seq_length = 128
-    loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=BATCH) if kind == "cached" else losses.MultipleNegativesRankingLoss(model)
+    loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=BATCH) if kind == "peak-cached" else losses.MultipleNegativesRankingLoss(model)
     trainer = plain_trainer(model, rows, out / "checkpoints", PEAK_BATCH, loss, max_steps=PEAK_STEPS)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -151,7 +151,7 @@ def main() -> int:
             speeds[kind].append(result["samples_per_s"])
             print(f"  round {round_index + 1} {kind:5}: {result['steps']} steps in {result['seconds']:.1f}s = {result['samples_per_s']:.1f} samples/s", flush=True)
     ratio = statistics.median(speeds["ours"]) / statistics.median(speeds["plain"])
-    peaks = {kind: measure(kind, rows_file) for kind in ("plain", "cached")}
+    peaks = {kind: measure(f"peak-{kind}", rows_file) for kind in ("plain", "cached")}
     for kind, result in peaks.items():
         print(f"  batch {PEAK_BATCH}, {kind:6} loss: +{result['added_peak_gb']:.2f} GB peak ({result['device']})")
     cached_ratio = peaks["cached"]["added_peak_gb"] / max(peaks["plain"]["added_peak_gb"], 1e-9)
