@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

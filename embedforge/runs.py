@@ -248,9 +248,10 @@ class Run:
         generate_config = self.config.generate
         test_ids = {p["_id"] for p in self.passages if split_of(p["_id"], generate_config.dev_fraction, generate_config.test_fraction) == "test"}
         # Real queries often repeat with several positives: each text is encoded once.
-        texts = sorted({q["text"] for q in queries if not q.get("known_only")})
+        trained = [q["text"] for q in queries if not q.get("known_only")]
+        texts = sorted(set(trained))
         row_of = {text: row for row, text in enumerate(texts)}
-        vectors = self.encode_queries(texts)[[row_of[q["text"]] for q in queries if not q.get("known_only")]]
+        vectors = self.encode_queries(texts)[[row_of[text] for text in trained]]
         cross_encoder = load_cross_encoder(self.config.mine.cross_encoder) if self.config.mine.cross_encoder else None
         return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed, cross_encoder)
 

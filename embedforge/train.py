@@ -68,18 +68,16 @@ def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = F
     from sentence_transformers.sentence_transformer import losses
 
     # Across several GPUs, gathering embeddings makes every device's batch a negative for all.
+    options = {"gather_across_devices": distributed}
     if config.loss == "gist":
-        guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
         # The cached variant: the plain GISTEmbedLoss takes at most one hard negative per row, and
         # rows carry up to num_negatives. Without --mini-batch-size, the whole batch is one mini-batch.
-        loss_class = losses.CachedGISTEmbedLoss
-        options = {"guide": guide, "gather_across_devices": distributed, "mini_batch_size": config.mini_batch_size or config.batch_size}
+        guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
+        loss = losses.CachedGISTEmbedLoss(model, guide=guide, mini_batch_size=config.mini_batch_size or config.batch_size, **options)
+    elif config.mini_batch_size:
+        loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size, **options)
     else:
-        loss_class = losses.CachedMultipleNegativesRankingLoss if config.mini_batch_size else losses.MultipleNegativesRankingLoss
-        options = {"gather_across_devices": distributed}
-    if config.mini_batch_size and config.loss != "gist":
-        options["mini_batch_size"] = config.mini_batch_size
-    loss = loss_class(model, **options)
+        loss = losses.MultipleNegativesRankingLoss(model, **options)
     if config.matryoshka_dims:
         loss = losses.MatryoshkaLoss(model, loss, matryoshka_dims=list(config.matryoshka_dims))
     return loss

@@ -175,9 +175,8 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     def launch(batch: list[_Work], ledger: JsonlAppender) -> list[asyncio.Task]:
         return [asyncio.create_task(answer(work, ledger)) for work in batch]
 
-    async def process(batch: list[_Work], ledger: JsonlAppender, progress, tasks: list[asyncio.Task] | None = None) -> None:
-        """Wait for the answers of `batch` (its `tasks`, when launched already) and filter them, in passage order."""
-        tasks = tasks if tasks is not None else launch(batch, ledger)
+    async def process(batch: list[_Work], ledger: JsonlAppender, progress, tasks: list[asyncio.Task]) -> None:
+        """Wait for the answers of `batch` (its launched `tasks`) and filter them, in passage order."""
         try:
             results = [await task for task in tasks]
         except BaseException:
@@ -259,52 +258,50 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     return stats.as_dict()
 
 
-async def _run_loop(held_out, train_passages, chunk, process, launch, ledger, stats, budget, config, exported) -> None:
-    """Chunks are filtered one after the other, in order, so the outcome does not depend on timing;
-    the next chunk's calls start while the current one is finishing whenever that chunk is
-    certainly needed, so the endpoint never waits on the filters or on a chunk's last answers."""
-    pending: list[asyncio.Task] = []
+async def _in_order(chunks, launch, process, ledger, progress, prefetch, chunk_done) -> None:
+    """Filter chunks one after the other, in order, so the outcome does not depend on timing; the
+    next chunk's calls start while the current one finishes whenever `prefetch(current)` says that
+    chunk is certainly needed, so the endpoint never waits on the filters or on a chunk's last
+    answers. Stops when `chunk_done()` says so; calls launched but not needed are cancelled."""
+    tasks, pending = None, []
     try:
-        with tqdm(total=len(held_out), desc="generate held-out queries", unit="passage", disable=None) as progress:
-            chunks = [held_out[start : start + chunk] for start in range(0, len(held_out), chunk)]
-            tasks = launch(chunks[0], ledger) if chunks else []
-            for number, batch in enumerate(chunks):
-                pending = launch(chunks[number + 1], ledger) if number + 1 < len(chunks) else []
-                await process(batch, ledger, progress, tasks)
-                tasks = pending
-        pending = []
-        with tqdm(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair", disable=None) as pairs_bar:
-            # An export cannot know which answers will pass the filters: it writes one full round.
-            rounds = 1 if exported is not None else config.max_rounds
-            for sample_index in range(rounds):
-                if stats.accepted["train"] >= config.min_pairs and exported is None:
-                    break
-                stats.rounds = sample_index + 1
-                train_work = [_Work(p, "train", sample_index) for p in train_passages]
-                chunks = [train_work[start : start + chunk] for start in range(0, len(train_work), chunk)]
-                tasks = None
-                for number, batch in enumerate(chunks):
-                    before = stats.accepted["train"]
-                    tasks = tasks if tasks is not None else launch(batch, ledger)
-                    # Even if every answer of this chunk passed, min_pairs would not be reached: the next is needed.
-                    needed = exported is not None or before + len(batch) * config.queries_per_passage < config.min_pairs
-                    pending = launch(chunks[number + 1], ledger) if needed and number + 1 < len(chunks) else []
-                    await process(batch, ledger, _NullBar(), tasks)
-                    tasks = pending or None
-                    pairs_bar.update(min(stats.accepted["train"], config.min_pairs) - min(before, config.min_pairs))
-                    if exported is None and (stats.accepted["train"] >= config.min_pairs or _budget_spent(budget, stats, config)):
-                        break
-                for task in pending:  # launched but not needed after all (the budget ran out)
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                pending = []
-                if _budget_spent(budget, stats, config):
-                    break
+        for number, batch in enumerate(chunks):
+            tasks = tasks or launch(batch, ledger)
+            pending = launch(chunks[number + 1], ledger) if number + 1 < len(chunks) and prefetch(batch) else []
+            await process(batch, ledger, progress, tasks)
+            tasks = pending
+            if chunk_done():
+                break
     finally:
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _run_loop(held_out, train_passages, chunk, process, launch, ledger, stats, budget, config, exported) -> None:
+    def split(work: list[_Work]) -> list[list[_Work]]:
+        return [work[start : start + chunk] for start in range(0, len(work), chunk)]
+
+    with tqdm(total=len(held_out), desc="generate held-out queries", unit="passage", disable=None) as progress:
+        await _in_order(split(held_out), launch, process, ledger, progress, prefetch=lambda batch: True, chunk_done=lambda: False)
+    with tqdm(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair", disable=None) as pairs_bar:
+
+        def needed_after(batch: list[_Work]) -> bool:
+            # Even if every answer of this chunk passed, min_pairs would not be reached: the next is needed.
+            return exported is not None or stats.accepted["train"] + len(batch) * config.queries_per_passage < config.min_pairs
+
+        def chunk_done() -> bool:
+            pairs_bar.update(min(stats.accepted["train"], config.min_pairs) - pairs_bar.n)
+            return exported is None and (stats.accepted["train"] >= config.min_pairs or _budget_spent(budget, stats, config))
+
+        # An export cannot know which answers will pass the filters: it writes one full round.
+        rounds = 1 if exported is not None else config.max_rounds
+        for sample_index in range(rounds):
+            if (stats.accepted["train"] >= config.min_pairs and exported is None) or _budget_spent(budget, stats, config):
+                break
+            stats.rounds = sample_index + 1
+            work = [_Work(p, "train", sample_index) for p in train_passages]
+            await _in_order(split(work), launch, process, ledger, _NullBar(), needed_after, chunk_done)
 
 
 class BatchExported(EmbedforgeError):
