@@ -84,12 +84,67 @@ def passage_text(passage: dict) -> str:
     return f"{title} {passage['text']}".strip()
 
 
-def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None, progress: bool | None = None) -> np.ndarray:
-    """Normalized float32 vectors; `pool` is a sentence-transformers multi-process pool (several devices)."""
+# On a CPU, a batch of long texts costs more per text than several small batches do (the
+# activations outgrow the cache), while short texts want big batches. Measured on 2 cores with
+# all-MiniLM-L6-v2: nfcorpus passages (~256 tokens) encode in 12.3 s per 600 at batch 8, 14.4 s
+# at 32 and 15.5 s at 64; its queries (~10 tokens) in 2.45 s per 2,000 at 8 and 1.73 s at 64.
+CPU_TOKENS_PER_BATCH = 2048
+CHARS_PER_TOKEN = 4
+TEXTS_PER_CALL = 512  # one encode call at a time, so that the progress bar moves
+
+
+def batch_plan(lengths: list[int], batch_size: int, max_seq_length: int | None) -> list[tuple[np.ndarray, int]]:
+    """Encode calls for a CPU from the texts' lengths in characters: (positions, batch size) each,
+    longest texts first, every batch about CPU_TOKENS_PER_BATCH tokens and at most `batch_size`
+    texts. Batch sizes are powers of two (8 at least), so texts of similar length share a call."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    tokens = lengths[order] // CHARS_PER_TOKEN + 2
+    if max_seq_length:
+        tokens = np.minimum(tokens, max_seq_length)
+    wanted = np.maximum(CPU_TOKENS_PER_BATCH // np.maximum(tokens, 1), 1)
+    sizes = np.minimum(np.maximum(2 ** np.floor(np.log2(wanted)).astype(np.int64), 8), batch_size)
+    calls = []
+    start = 0
+    while start < len(order):
+        size = int(sizes[start])
+        same = start + int(np.searchsorted(sizes[start:], size, side="right"))  # sizes never shrink along the order
+        stop = min(same, start + max(size, TEXTS_PER_CALL // size * size))
+        calls.append((order[start:stop], size))
+        start = stop
+    return calls
+
+
+def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None, progress=None) -> np.ndarray:
+    """Normalized float32 vectors; `pool` is a sentence-transformers multi-process pool (several devices).
+
+    `progress`: None (a bar for more than 256 texts), True, False, or a bar to update. On a CPU
+    the batch size follows the texts' length (`batch_plan`), `batch_size` being the most."""
     encode = model.encode_query if kind == "query" else model.encode_document
-    show = (len(texts) > 256 or None) if progress is None else progress
-    vectors = encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=show, pool=pool)
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    options = dict(normalize_embeddings=True, convert_to_numpy=True)
+    if pool is not None or str(model.device) != "cpu" or not texts:
+        show = (len(texts) > 256 or None) if progress is None else bool(progress)
+        vectors = encode(texts, batch_size=batch_size, show_progress_bar=show, pool=pool, **options)
+        if hasattr(progress, "update"):
+            progress.update(len(texts))
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    from tqdm.auto import tqdm
+
+    bar = progress if hasattr(progress, "update") else tqdm(
+        total=len(texts), desc=f"encode {kind}s", unit="text", disable=not (len(texts) > 256 if progress is None else progress) or None
+    )
+    vectors = None
+    try:
+        for positions, size in batch_plan([len(text) for text in texts], batch_size, model.max_seq_length):
+            part = encode([texts[i] for i in positions], batch_size=size, show_progress_bar=False, **options)
+            if vectors is None:
+                vectors = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+            vectors[positions] = part
+            bar.update(len(positions))
+    finally:
+        if bar is not progress:
+            bar.close()
+    return vectors
 
 
 def encode_throughput(model, texts: list[str], batch_size: int, pool=None) -> float:

@@ -39,8 +39,6 @@ INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 EXACT_MAX = IndexSpec().exact_max
 IVF_MAX = 5_000_000
 DRY_RUN_SAMPLE = 64
-# Batches per encode call: the progress bar moves this often without changing the batches.
-BATCHES_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -118,9 +116,9 @@ def parse_devices(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
-def encode_passages(model, texts: list[str], batch_size: int, pool=None) -> np.ndarray:
-    """Document vectors for one shard (the shard loop has its own progress bar)."""
-    return encode_texts(model, texts, batch_size, kind="document", pool=pool, progress=False)
+def encode_passages(model, texts: list[str], batch_size: int, pool=None, progress=False) -> np.ndarray:
+    """Document vectors for one shard; `progress` is the shard loop's bar."""
+    return encode_texts(model, texts, batch_size, kind="document", pool=pool, progress=progress)
 
 
 def resolve_index_kind(kind: str, count: int) -> str:
@@ -287,21 +285,6 @@ def _open_model(model_name: str, settings: ReindexSettings, model=None):
     return model, pool
 
 
-def _encode_shard(model, texts: list[str], batch_size: int, pool, progress) -> np.ndarray:
-    # Longest first, as sentence-transformers sorts inside one call: cut into calls on batch
-    # boundaries, the batches (and so the padding) are those of encoding the shard at once.
-    order = np.argsort([-len(text) for text in texts], kind="stable")
-    step = len(texts) if pool is not None else batch_size * BATCHES_PER_CALL
-    parts = []
-    for start in range(0, len(texts), step):
-        chunk = [texts[i] for i in order[start : start + step]]
-        parts.append(encode_passages(model, chunk, batch_size, pool))
-        progress.update(len(chunk))
-    vectors = np.empty_like(parts[0], shape=(len(texts), parts[0].shape[1]))
-    vectors[order] = np.concatenate(parts)
-    return vectors
-
-
 def _gather(out_dir: Path, entries: list[list]) -> np.ndarray:
     """All current vectors in manifest order, as float32, reading each shard once."""
     by_shard: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
@@ -347,7 +330,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
                 for start in range(0, len(plan.pending), settings.shard_size):
                     positions = plan.pending[start : start + settings.shard_size]
                     texts = [plan.texts[p] for p in positions]
-                    vectors = _encode_shard(model, texts, settings.batch_size, pool, progress)
+                    vectors = encode_passages(model, texts, settings.batch_size, pool, progress)
                     shard = f"shard-{plan.next_number + shards_written:06d}"
                     _write_shard(out_dir, shard, [plan.ids[p] for p in positions], texts, [plan.hashes[p] for p in positions], vectors, plan.identity, settings.dtype)
                     shards_written += 1

@@ -156,6 +156,8 @@ def test_corpus_embeddings_are_encoded_once(tmp_path, tiny_model):
     first = corpus_embeddings(tiny_model, passages, tmp_path, model=load_model(tiny_model))
 
     class NoEncoding:
+        device, max_seq_length = "cpu", 64
+
         def encode_document(self, *args, **kwargs):
             raise AssertionError("encoded again")
 

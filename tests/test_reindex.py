@@ -42,12 +42,12 @@ class CountingEncoder:
         self.calls = 0
         self.texts: list[str] = []
 
-    def __call__(self, model, texts, batch_size, pool=None):
+    def __call__(self, model, texts, batch_size, pool=None, progress=False):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise Killed("killed")
         self.calls += 1
         self.texts.extend(texts)
-        return ENCODE(model, texts, batch_size, pool)
+        return ENCODE(model, texts, batch_size, pool, progress)
 
 
 def index_state(folder: Path) -> tuple[list[str], np.ndarray]:
