@@ -3,7 +3,9 @@
 Part 1, on ../shared/data/nfcorpus (train queries + qrels as the pairs, all-MiniLM-L6-v2),
 matched settings (window 0..50, relative margin 0.05, top sampling, 3 negatives, extra
 exclusions off): the share of identical negatives, wall time and peak memory, each in a fresh
-process; ours cold (empty cache) and warm (corpus embeddings cached).
+process; ours cold (empty cache) and warm (corpus embeddings cached). Both encode with at most
+32 texts per batch (sentence-transformers' default); ours sizes CPU batches by text length.
+The two sides alternate for --rounds rounds; the ratios are medians of the per-round ratios.
 Part 2: IVF mining over N random normalized 384-d vectors with 10,000 queries: peak memory,
 time, and recall@100 against exact search on a sample of queries. The vectors are drawn around
 N/1,000 random centres, as embeddings of real text cluster by topic: vectors drawn uniformly on
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    parser.add_argument("--rounds", type=int, default=3, help="sentence-transformers and ours cold, alternating; the median of the per-round ratios")
     parser.add_argument("--ivf-vectors", type=int, default=1_000_000)
     parser.add_argument("--ivf-queries", type=int, default=10_000)
     arguments = parser.parse_args()
@@ -159,21 +163,30 @@ def main() -> None:
     if not arguments.data.is_dir():
         print(f"skipped: {arguments.data} not found")
         return None
-    with tempfile.TemporaryDirectory() as cache:
+    # This machine's speed drifts by several percent over minutes: alternate the two sides and
+    # take the median of the per-round ratios, each cold run with an empty cache of its own.
+    rounds = []
+    for _ in range(arguments.rounds):
         st = fresh("--part", "st", "--data", str(arguments.data), *limit)
-        cold = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
-        warm = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
+        with tempfile.TemporaryDirectory() as cache:
+            cold = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
+            warm = fresh("--part", "ours", "--data", str(arguments.data), "--cache", cache, *limit)
+        rounds.append((st, cold, warm))
+        print(f"round {len(rounds)}: sentence-transformers {st['seconds']:.1f}s, embedforge cold {cold['seconds']:.1f}s, warm {warm['seconds']:.1f}s")
+    time_ratio = statistics.median(cold["seconds"] / st["seconds"] for st, cold, _ in rounds)
+    warm_ratio = statistics.median(warm["seconds"] / st["seconds"] for st, _, warm in rounds)
+    st, cold, warm = rounds[0]
     identical = sum(len(set(cold["negatives"][key]) & set(negatives)) for key, negatives in st["negatives"].items())
     total = sum(len(negatives) for negatives in st["negatives"].values())
     overlap = identical / max(total, 1)
     print(f"pairs: {len(st['negatives'])}; identical negatives: {identical}/{total} = {overlap:.4f}")
-    print(f"sentence-transformers: {st['seconds']:.1f}s, peak {st['peak_gb']:.2f} GB")
-    print(f"embedforge cold:       {cold['seconds']:.1f}s, peak {cold['peak_gb']:.2f} GB")
-    print(f"embedforge warm:       {warm['seconds']:.1f}s, peak {warm['peak_gb']:.2f} GB")
+    print(f"sentence-transformers: {statistics.median(r[0]['seconds'] for r in rounds):.1f}s (median), peak {st['peak_gb']:.2f} GB")
+    print(f"embedforge cold:       {statistics.median(r[1]['seconds'] for r in rounds):.1f}s (median), peak {cold['peak_gb']:.2f} GB")
+    print(f"embedforge warm:       {statistics.median(r[2]['seconds'] for r in rounds):.1f}s (median), peak {warm['peak_gb']:.2f} GB")
     ivf = fresh("--part", "ivf", "--ivf-vectors", str(arguments.ivf_vectors), "--ivf-queries", str(arguments.ivf_queries))
     print(f"IVF over {arguments.ivf_vectors:,} vectors, {arguments.ivf_queries:,} queries: build {ivf['build_seconds']:.1f}s, "
           f"search {ivf['search_seconds']:.1f}s, recall@100 {ivf['recall_at_100']:.3f}, peak {ivf['peak_gb']:.2f} GB")
-    print(f"RESULT overlap={overlap:.4f} time_ratio={cold['seconds'] / st['seconds']:.3f} warm_time_ratio={warm['seconds'] / st['seconds']:.3f} "
+    print(f"RESULT overlap={overlap:.4f} time_ratio={time_ratio:.3f} warm_time_ratio={warm_ratio:.3f} "
           f"ivf_recall_at_100={ivf['recall_at_100']:.3f} ivf_peak_gb={ivf['peak_gb']:.2f}")
 
 

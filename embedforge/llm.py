@@ -40,6 +40,9 @@ class ChatModel(Protocol):
 
     async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion: ...
 
+    async def aclose(self) -> None:
+        """Release what the calls of the running event loop opened (generate awaits it before its loop ends)."""
+
 
 def strip_credentials(url: str) -> str:
     parts = urlsplit(url)
@@ -106,19 +109,34 @@ class OpenAIChatModel:
     """Any OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp server, LM Studio)."""
 
     def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_attempts: int = 6, max_wait: float = 60.0):
-        import openai
-
         self.identity = {"model": model, "base_url": strip_credentials(base_url)}
         self.model = model
         self.max_attempts = max_attempts
         self.max_wait = max_wait
-        # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
-        # Several clients, used in turn: the HTTP connection pool probes each of its idle
-        # connections on every request, so one pool of 64 connections spends more CPU on that
-        # bookkeeping than on the calls; 8 pools of about 8 spend an eighth.
-        self._clients = [openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout) for _ in range(CONNECTION_POOLS)]
-        self._next_client = itertools.cycle(self._clients)
+        self._client_options = dict(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+        self._clients: list = []
+        self._clients_loop: asyncio.AbstractEventLoop | None = None
         self._accepted_format: str | None = None
+
+    def _client(self):
+        """The next client of the running event loop's set: connections belong to one loop, so a
+        model used by several `asyncio.run`s (a second generate in one process) opens new ones."""
+        import openai
+
+        loop = asyncio.get_running_loop()
+        if self._clients_loop is not loop:
+            # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
+            # Several clients, used in turn: the HTTP connection pool probes each of its idle
+            # connections on every request, so one pool of 64 connections spends more CPU on that
+            # bookkeeping than on the calls; 8 pools of about 8 spend an eighth.
+            self._clients = [openai.AsyncOpenAI(**self._client_options) for _ in range(CONNECTION_POOLS)]
+            self._next_client = itertools.cycle(self._clients)
+            self._clients_loop = loop
+        return next(self._next_client)
+
+    async def aclose(self) -> None:
+        clients, self._clients, self._clients_loop = self._clients, [], None
+        await asyncio.gather(*(client.close() for client in clients))
 
     def _wait(self, retry_state: Any) -> float:
         from tenacity import wait_random_exponential
@@ -165,7 +183,7 @@ class OpenAIChatModel:
                     # Plain JSON both ways: posting the body directly skips the client's typed
                     # transform of every message, and reading the answer as a dict skips building
                     # ChatCompletion models; each costs about a millisecond of CPU per call.
-                    response = await next(self._next_client).post(
+                    response = await self._client().post(
                         "/chat/completions",
                         body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra},
                         cast_to=object,
@@ -260,6 +278,9 @@ class LocalChatModel:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
+
+    async def aclose(self) -> None:
+        pass  # the model stays loaded for the next run; its batches end with the calls
 
     async def _drain(self) -> None:
         await asyncio.sleep(0.01)  # let the other in-flight calls join this batch

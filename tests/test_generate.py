@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import make_passages
+from conftest import make_passages, passage_responder
 from embedforge.config import DEFAULT_PROMPT, GenerateConfig
 from embedforge.errors import EmbedforgeError
 from embedforge.files import read_jsonl
@@ -54,6 +54,7 @@ class ScriptedLLM:
 
     def __init__(self, answer=None):
         self.calls = 0
+        self.closed = 0
         self.answer = answer or (lambda passage, call: f"what about {passage.split()[1]} {passage.split()[4]} history")
 
     async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
@@ -62,6 +63,9 @@ class ScriptedLLM:
         passage = "\n".join(line for line in content if not line.startswith("####") and line != "Passage:")
         await asyncio.sleep(0)
         return Completion(text=self.answer(passage, self.calls), finish_reason="stop", usage={"prompt_tokens": 10, "completion_tokens": 5})
+
+    async def aclose(self):
+        self.closed += 1
 
 
 def _config(**changes):
@@ -261,3 +265,30 @@ def test_an_imported_query_stays_in_one_split_and_trains_on_at_most_the_capped_p
     qrels = (tmp_path / "out" / "eval" / "qrels" / "dev.tsv").read_text().splitlines()[1:]
     dev_queries = sum(found == {"dev"} for found in splits.values())
     assert len(qrels) == 3 * dev_queries
+
+
+def test_one_openai_model_serves_two_runs_and_closes_its_connections(fake_openai, tmp_path, caplog):
+    import gc
+
+    from embedforge.llm import OpenAIChatModel
+
+    fake_openai.responder = passage_responder
+    gc.collect()  # what earlier tests left behind is not this test's to judge
+    model = OpenAIChatModel(fake_openai.base_url, "m", api_key="k", max_attempts=1)
+    for run in ("first", "second"):  # each generate is its own event loop
+        stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / run, _config(), model, seed=0)
+        assert stats["calls_made"] > 0 and model._clients == []  # closed when its loop ended
+    with caplog.at_level("ERROR", logger="asyncio"):
+        gc.collect()
+    assert not [record for record in caplog.records if record.name == "asyncio"]
+
+
+def test_the_stage_closes_the_model_when_it_fails(tmp_path):
+    class Failing(ScriptedLLM):
+        async def complete(self, messages, **options):
+            raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
+
+    llm = Failing()
+    with pytest.raises(EmbedforgeError, match="unreachable"):
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(), llm, seed=0)
+    assert llm.closed == 1

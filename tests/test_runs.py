@@ -21,6 +21,9 @@ class CountingLLM:
         suffix = " care" if "please" in messages[0]["content"] else ""
         return Completion(text=passage_responder({"messages": messages}) + suffix, finish_reason="stop")
 
+    async def aclose(self):
+        pass
+
 
 def factory(config, seed):
     return CountingLLM()
@@ -101,6 +104,9 @@ def test_failed_stage_is_recorded_and_leaves_no_partial_output(run_config):
 
         async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
             raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
+
+        async def aclose(self):
+            pass
 
     config = run_config()
     with pytest.raises(EmbedforgeError):

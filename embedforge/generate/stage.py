@@ -229,7 +229,10 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     chunk = max(64, config.concurrency * 4)
     with JsonlAppender(ledger_path) as ledger:
         if llm is not None:
-            await _run_loop(held_out, by_split["train"], chunk, process, launch, ledger, stats, budget, config, exported)
+            try:
+                await _run_loop(held_out, by_split["train"], chunk, process, launch, ledger, stats, budget, config, exported)
+            finally:
+                await llm.aclose()  # its connections belong to this event loop, which ends here
 
     if exported is not None:
         count = write_jsonl(config.export_batch, exported)
