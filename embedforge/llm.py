@@ -114,24 +114,30 @@ class OpenAIChatModel:
         self.max_attempts = max_attempts
         self.max_wait = max_wait
         self._client_options = dict(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
-        self._clients: list = []
+        # Made here, outside any event loop (each costs ~17 ms, most of it loading CA certificates),
+        # so the first calls do not wait for them; a later event loop gets a set of its own.
+        self._clients = self._new_clients()
         self._clients_loop: asyncio.AbstractEventLoop | None = None
         self._accepted_format: str | None = None
+
+    def _new_clients(self) -> list:
+        import openai
+
+        # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
+        # Several clients, used in turn: the HTTP connection pool probes each of its idle
+        # connections on every request, so one pool of 64 connections spends more CPU on that
+        # bookkeeping than on the calls; 8 pools of about 8 spend an eighth.
+        return [openai.AsyncOpenAI(**self._client_options) for _ in range(CONNECTION_POOLS)]
 
     def _client(self):
         """The next client of the running event loop's set: connections belong to one loop, so a
         model used by several `asyncio.run`s (a second generate in one process) opens new ones."""
-        import openai
-
         loop = asyncio.get_running_loop()
         if self._clients_loop is not loop:
-            # max_retries=0: tenacity below is the only retry layer, so attempts are counted once.
-            # Several clients, used in turn: the HTTP connection pool probes each of its idle
-            # connections on every request, so one pool of 64 connections spends more CPU on that
-            # bookkeeping than on the calls; 8 pools of about 8 spend an eighth.
-            self._clients = [openai.AsyncOpenAI(**self._client_options) for _ in range(CONNECTION_POOLS)]
-            self._next_client = itertools.cycle(self._clients)
+            if self._clients_loop is not None or not self._clients:  # bound to another loop, or closed
+                self._clients = self._new_clients()
             self._clients_loop = loop
+            self._next_client = itertools.cycle(self._clients)
         return next(self._next_client)
 
     async def aclose(self) -> None:
