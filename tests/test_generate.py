@@ -86,13 +86,17 @@ def test_threshold_loop_stops_once_enough_pairs(tmp_path):
 
 
 def test_rerun_reuses_ledger_and_makes_no_call(tmp_path):
-    first = ScriptedLLM()
-    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(), first, seed=0)
+    priced = _config(price_input_per_million=10.0, price_output_per_million=20.0)
+    first = ScriptedLLM()  # 10 prompt + 5 completion tokens per call
+    paid = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, priced, first, seed=0)
+    assert paid["tokens"] == 15 * first.calls and paid["cost_usd"] == pytest.approx(0.0002 * first.calls) and paid["cost_usd_reused"] == 0
     before = (tmp_path / "queries.jsonl").read_text()
     second = ScriptedLLM()
-    stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(), second, seed=0)
+    stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, priced, second, seed=0)
     assert second.calls == 0 and stats["calls_reused"] == first.calls
     assert (tmp_path / "queries.jsonl").read_text() == before
+    # Nothing new was paid for; what the reused answers cost is still on record.
+    assert (stats["tokens"], stats["cost_usd"], stats["cost_usd_reused"]) == (0, 0, paid["cost_usd"])
 
 
 def test_new_rounds_ask_again_then_fail_with_a_clear_message(tmp_path):

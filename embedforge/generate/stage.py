@@ -59,20 +59,25 @@ class Stats:
     calls_made: int = 0
     calls_reused: int = 0
     usage: Counter = field(default_factory=Counter)
+    usage_reused: Counter = field(default_factory=Counter)  # answers from the ledger, paid for by an earlier run
     generated: int = 0
     accepted: Counter = field(default_factory=Counter)
     rejected: Counter = field(default_factory=Counter)
     rounds: int = 0
     cost_usd: float = 0.0
+    cost_usd_reused: float = 0.0
     imported_answers: int = 0
 
     def as_dict(self) -> dict:
         return {
             "cost_usd": self.cost_usd,
+            "cost_usd_reused": self.cost_usd_reused,
+            "tokens": self.usage.get("prompt_tokens", 0) + self.usage.get("completion_tokens", 0),
             "imported_answers": self.imported_answers,
             "calls_made": self.calls_made,
             "calls_reused": self.calls_reused,
             "usage": dict(self.usage),
+            "usage_reused": dict(self.usage_reused),
             "generated": self.generated,
             "accepted": dict(self.accepted),
             "rejected": dict(self.rejected),
@@ -128,6 +133,7 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
         if key in answered:
             stats.calls_reused += 1
             row = answered[key]
+            stats.usage_reused.update(row.get("usage") or {})
             return key, Completion(text=row["response"], finish_reason=row.get("finish_reason"), usage=row.get("usage", {}))
         if exported is not None:
             exported.append(batch_request(key, llm.identity["model"], messages, config))
@@ -253,6 +259,7 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
         )
 
     stats.cost_usd = cost_of(stats.usage, config)
+    stats.cost_usd_reused = cost_of(stats.usage_reused, config)
     write_jsonl(out_dir / "queries.jsonl", accepted)
     write_jsonl(out_dir / "rejects.jsonl", rejects)
     shutil.copyfile(prompt.path, out_dir / ".prompt.tmp")
