@@ -296,3 +296,16 @@ def test_the_stage_closes_the_model_when_it_fails(tmp_path):
     with pytest.raises(EmbedforgeError, match="unreachable"):
         generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(), llm, seed=0)
     assert llm.closed == 1
+
+
+def test_imported_query_ids_do_not_depend_on_the_order_of_the_file(tmp_path):
+    passages = make_passages()
+    # 10 passages with several queries each: a per-passage counter would number them by file order.
+    pairs = [{"query": f"real question number {n}", "passage_id": passages[(3 * n + k) % 10]["_id"]} for n in range(12) for k in range(3)]
+    ids = []
+    for name, ordered in (("forward", pairs), ("reversed", pairs[::-1])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(pair) + "\n" for pair in ordered))
+        generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / name, _config(min_pairs=1, queries=path, llm_model="none"), None, seed=0)
+        ids.append({row["_id"]: (row["text"], row["passage_id"]) for row in read_jsonl(tmp_path / name / "queries.jsonl")})
+    assert len(ids[0]) == len(pairs) and ids[0] == ids[1]

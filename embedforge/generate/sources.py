@@ -3,7 +3,8 @@ imported pairs, real user queries for the prompt, and the BEIR eval layout."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import hashlib
+from collections import defaultdict
 from pathlib import Path
 
 from embedforge.config import GenerateConfig
@@ -100,15 +101,15 @@ def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen:
         seen.add(key)
         seen.add(normalize_query(text))  # generated queries must not repeat an imported one
         by_query[normalize_query(text)].append((text, passage_id))
-    counts: Counter = Counter()
     cap = config.max_positives_per_query
     for normalized, pairs in by_query.items():
         split = split_of("query:" + normalized, config.dev_fraction, config.test_fraction)
         if split == "train" and cap is not None:
             pairs = sorted(pairs, key=lambda pair: unit_hash(normalized + "\t" + pair[1]))
         for rank, (text, passage_id) in enumerate(pairs):
-            row = {"_id": f"{passage_id}-i{counts[passage_id]}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
-            counts[passage_id] += 1
+            # The id comes from the pair itself, not from its line in the file: reordering the file keeps every id.
+            identifier = f"{passage_id}-i{hashlib.sha256(normalized.encode('utf-8')).hexdigest()[:12]}"
+            row = {"_id": identifier, "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
             if split == "train" and cap is not None and rank >= cap:
                 row["known_only"] = True
                 stats.accepted["known_only"] += 1

@@ -34,7 +34,7 @@ from embedforge.generate.sources import batch_request, import_batch_results, imp
 from embedforge.llm import ChatModel, Completion
 from embedforge.prompts import Prompt, render_messages
 
-STAGE_VERSION = 2  # 2: imported pairs are split by query, not by passage
+STAGE_VERSION = 3  # 2: imported pairs are split by query, not by passage; 3: imported ids from the pair, not its line
 
 
 def request_key(identity: dict, messages: list, temperature: float, max_tokens: int, sample_index: int, response_format: str = "text", reask: int = 0) -> str:
