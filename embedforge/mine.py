@@ -2,7 +2,8 @@
 
 Reads:  corpus.jsonl, generate/queries.jsonl, the base model's cached corpus embeddings.
 Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "query_id",
-        "positive_id", "negative_ids", "positive_score", "negative_scores"}), mine/stats.json.
+        "positive_id", "known_positives", "negative_ids", "positive_score", "negative_scores"}),
+        mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
 Per query, candidates come from the rank window range_min..range_max, counted over the
@@ -29,7 +30,7 @@ from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
 from embedforge.generate import normalize_query
 
-STAGE_VERSION = 2  # 2: positives and negatives are title + text, as the models encode passages
+STAGE_VERSION = 3  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives
 RULES = ("positive", "known_positive", "duplicate_text", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
 KEEP = 0  # rule code of a candidate no rule dropped; rule i of RULES has code i + 1
 _CODE = {rule: number for number, rule in enumerate(RULES, start=1)}
@@ -182,6 +183,7 @@ def mine(
         row.update(
             query_id=query["_id"],
             positive_id=query["passage_id"],
+            known_positives=len(known),
             negative_ids=negative_ids,
             positive_score=round(positive_score, 6),
             negative_scores=[round(float(candidate_scores[i]), 6) for i in negatives],

@@ -63,13 +63,28 @@ def dev_evaluator(passages: list[dict], dev_queries: dict[str, str], dev_qrels: 
     )
 
 
-def make_loss(model, config: TrainConfig, base_model: str, distributed: bool = False, prompts: dict[str, str] | None = None):
-    """The training loss: in-batch + hard negatives ranking, cached for big batches, GIST, Matryoshka."""
+def resolve_loss(loss: str, rows: list[dict]) -> str:
+    """`auto` picks by the data: GIST when most training queries have several known positives.
+
+    Then another query's passage in the batch is often relevant too, and GIST's screening pays:
+    on NFCorpus (~43 relevant passages per query) GIST gained +0.013 NDCG@10 where plain MNRL at
+    the same learning rate moved nothing (-0.003). With one passage per query, as an LLM writes
+    them, MNRL did as well or better (LegalSummarization +0.022 vs +0.010) at ~1/2.5 of the time.
+    """
+    if loss != "auto":
+        return loss
+    several = sum(row.get("known_positives", 1) > 1 for row in rows)
+    return "gist" if rows and several >= len(rows) / 2 else "mnrl"
+
+
+def make_loss(model, config: TrainConfig, base_model: str, loss_name: str, distributed: bool = False, prompts: dict[str, str] | None = None):
+    """The training loss (`loss_name`: gist or mnrl, as resolve_loss gives): in-batch + hard
+    negatives ranking, cached for big batches, GIST, Matryoshka."""
     from sentence_transformers.sentence_transformer import losses
 
     # Across several GPUs, gathering embeddings makes every device's batch a negative for all.
     options = {"gather_across_devices": distributed}
-    if config.loss == "gist":
+    if loss_name == "gist":
         # The cached variant: the plain GISTEmbedLoss takes at most one hard negative per row, and
         # rows carry up to num_negatives. Without --mini-batch-size, the whole batch is one mini-batch.
         guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
@@ -113,6 +128,8 @@ def train(
     base_dev = evaluator(model).get(DEV_METRIC) if evaluator else None
 
     datasets = training_datasets(rows)
+    loss_name = resolve_loss(config.loss, rows)
+    logger.info("training loss: %s", loss_name)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     arguments = SentenceTransformerTrainingArguments(
@@ -145,7 +162,7 @@ def train(
         model=model,
         args=arguments,
         train_dataset=datasets,
-        loss=make_loss(model, config, base_model, distributed=distributed, prompts=prompts),
+        loss=make_loss(model, config, base_model, loss_name, distributed=distributed, prompts=prompts),
         evaluator=evaluator,
     )
     last = get_last_checkpoint(str(checkpoints))
@@ -160,6 +177,7 @@ def train(
     improved = None if base_dev is None or tuned_dev is None else tuned_dev > base_dev
     stats = {
         "pairs": len(rows),
+        "loss": loss_name,
         "steps": int(result.global_step),
         "train_loss": round(float(result.training_loss), 6),
         "resumed_from": Path(last).name if last else None,

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_passages
 from embedforge.config import TrainConfig
-from embedforge.train import train
+from embedforge.train import resolve_loss, train
 
 
 def rows_for(passages, shuffle=False):
@@ -29,17 +29,17 @@ def dev_set(passages):
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"loss": "mnrl"}, {"loss": "mnrl", "mini_batch_size": 2}, {}, {"matryoshka_dims": (32, 16)}],
-    ids=["mnrl", "cached-mnrl", "gist-default", "matryoshka"],
+    "options, loss",
+    [({"loss": "mnrl"}, "mnrl"), ({"loss": "mnrl", "mini_batch_size": 2}, "mnrl"), ({"loss": "gist"}, "gist"), ({"matryoshka_dims": (32, 16)}, "mnrl")],
+    ids=["mnrl", "cached-mnrl", "gist", "auto-matryoshka"],
 )
-def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options):
+def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options, loss):
     from sentence_transformers import SentenceTransformer
 
     passages = make_passages()
     queries, qrels = dev_set(passages)
     stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, **options), seed=0)
-    assert stats["steps"] >= 5 and stats["pairs"] == 49
+    assert stats["steps"] >= 5 and stats["pairs"] == 49 and stats["loss"] == loss
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert model.encode(["what about apple"]).shape == (1, 32)
     card = (tmp_path / "model" / "README.md").read_text()
@@ -78,3 +78,12 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_
     stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["resumed_from"] == "checkpoint-7"
     assert stats["steps"] == 14
+
+
+def test_auto_loss_is_gist_only_when_most_queries_have_several_positives():
+    one_each = [{"known_positives": 1}] * 10
+    assert resolve_loss("auto", one_each) == "mnrl"
+    assert resolve_loss("auto", one_each[:4] + [{"known_positives": 43}] * 6) == "gist"
+    assert resolve_loss("auto", one_each[:6] + [{"known_positives": 2}] * 4) == "mnrl"
+    assert resolve_loss("gist", one_each) == "gist" and resolve_loss("mnrl", [{"known_positives": 43}]) == "mnrl"
+    assert resolve_loss("auto", []) == "mnrl"
