@@ -144,3 +144,12 @@ def test_two_process_ddp_training_on_cpu(run_config, tmp_path):
     assert manifest["stages"]["mine"] == manifest_before["stages"]["mine"]
     assert (config.run / "train" / "model" / "modules.json").exists()
     assert not list(config.run.rglob("*.tmp"))
+
+
+def test_dev_guard_note_defers_to_a_human_labelled_eval_set():
+    from embedforge.runs import dev_guard_note
+
+    assert dev_guard_note(True, labelled_sets=0) is None and dev_guard_note(None, labelled_sets=1) is None
+    assert dev_guard_note(False, labelled_sets=0).endswith("keep the base model.")
+    with_labels = dev_guard_note(False, labelled_sets=1)
+    assert "NOT better" in with_labels and "human-labelled eval set decides" in with_labels
