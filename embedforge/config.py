@@ -99,6 +99,7 @@ class TrainConfig(_Frozen):
     mini_batch_size: int | None = Field(None, ge=1, description="use the cached (GradCache) loss with this mini-batch: large batches in small memory")
     matryoshka_dims: tuple[int, ...] = Field((), description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384,256,128,64")
     epochs: int = Field(1, ge=1)
+    min_steps: int = Field(32, ge=0, description="train at least this many steps: small data gets more epochs than --epochs (0 = exactly --epochs)")
     batch_size: int = Field(32, ge=2)
 
     @field_validator("matryoshka_dims", mode="before")

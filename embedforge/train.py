@@ -13,6 +13,7 @@ dev NDCG@10 is kept; when it is no better than the base model, the stats say so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -77,6 +78,14 @@ def resolve_loss(loss: str, rows: list[dict]) -> str:
     return "gist" if rows and several >= len(rows) / 2 else "mnrl"
 
 
+def epochs_for(config: TrainConfig, rows: int) -> int:
+    """`epochs`, or more when that many would train fewer than `min_steps` steps. With 329
+    LegalSummarization pairs (11 steps an epoch), 3 epochs of MNRL gave +0.032 NDCG@10 where one
+    gave +0.022: warm-up and decay over a dozen steps barely move the model."""
+    per_epoch = max(1, math.ceil(rows / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / per_epoch))
+
+
 def make_loss(model, config: TrainConfig, base_model: str, loss_name: str, distributed: bool = False, prompts: dict[str, str] | None = None):
     """The training loss (`loss_name`: gist or mnrl, as resolve_loss gives): in-batch + hard
     negatives ranking, cached for big batches, GIST, Matryoshka."""
@@ -129,12 +138,13 @@ def train(
 
     datasets = training_datasets(rows)
     loss_name = resolve_loss(config.loss, rows)
-    logger.info("training loss: %s", loss_name)
+    epochs = epochs_for(config, len(rows))
+    logger.info("training loss: %s, %d epoch(s)", loss_name, epochs)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     arguments = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
-        num_train_epochs=config.epochs,
+        num_train_epochs=epochs,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio (transformers 5 retired warmup_ratio)
@@ -178,6 +188,7 @@ def train(
     stats = {
         "pairs": len(rows),
         "loss": loss_name,
+        "epochs": epochs,
         "steps": int(result.global_step),
         "train_loss": round(float(result.training_loss), 6),
         "resumed_from": Path(last).name if last else None,

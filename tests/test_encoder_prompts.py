@@ -46,7 +46,7 @@ def test_training_uses_the_prompts_and_the_saved_model_keeps_them(tmp_path, tiny
              "negative_ids": [passages[(i + 1) % 40]["_id"]], "positive_id": p["_id"]} for i, p in enumerate(passages)]
     queries = {f"d{i}": f"what about {p['title']}" for i, p in enumerate(passages[:8])}
     qrels = {f"d{i}": {p["_id"]} for i, p in enumerate(passages[:8])}
-    train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64), seed=0, prompts=PROMPTS)
+    train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0, prompts=PROMPTS)
     saved = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert saved.prompts["query"] == "query about " and saved.prompts["document"] == "history "
 

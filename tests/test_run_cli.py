@@ -21,7 +21,7 @@ def test_run_end_to_end(tmp_path, corpus_file, tiny_model, fake_openai):
         "run", "--corpus", str(corpus_file), "--run", str(run_dir), "--cache", str(tmp_path / "cache"),
         "--base-url", fake_openai.base_url, "--llm-model", "fake-model", "--base-model", tiny_model,
         "--min-pairs", "20", "--round-trip-k", "40", "--dev-fraction", "0.2", "--test-fraction", "0.2",
-        "--epochs", "1", "--batch-size", "4", "--bootstrap-resamples", "200", "--num-negatives", "2",
+        "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--bootstrap-resamples", "200", "--num-negatives", "2",
     ]
     result = run_cli(args, env_extra={"OPENAI_API_KEY": "sk-secret-test-key"})
     assert result.returncode == 0, result.stderr[-3000:]

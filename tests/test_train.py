@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_passages
 from embedforge.config import TrainConfig
-from embedforge.train import resolve_loss, train
+from embedforge.train import epochs_for, resolve_loss, train
 
 
 def rows_for(passages, shuffle=False):
@@ -38,7 +38,7 @@ def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options, l
 
     passages = make_passages()
     queries, qrels = dev_set(passages)
-    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, **options), seed=0)
+    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0, **options), seed=0)
     assert stats["steps"] >= 5 and stats["pairs"] == 49 and stats["loss"] == loss
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     assert model.encode(["what about apple"]).shape == (1, 32)
@@ -49,7 +49,7 @@ def test_each_loss_trains_and_the_model_reloads(tmp_path, tiny_model, options, l
 def test_guard_fires_when_training_is_harmful(tmp_path, tiny_model):
     passages = make_passages()
     queries, qrels = dev_set(passages)
-    config = TrainConfig(batch_size=8, max_seq_length=64, learning_rate=5e-3, epochs=5, warmup_ratio=0.0)
+    config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=0, learning_rate=5e-3, epochs=5, warmup_ratio=0.0)
     stats = train(rows_for(passages, shuffle=True), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["improved_on_dev"] is False
     assert stats["tuned_dev_ndcg@10"] <= stats["base_dev_ndcg@10"]
@@ -60,7 +60,7 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_
 
     passages = make_passages()
     queries, qrels = dev_set(passages)
-    config = TrainConfig(batch_size=8, max_seq_length=64, epochs=2)
+    config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=0, epochs=2)
     original = SentenceTransformerTrainer.training_step
     calls = {"count": 0}
 
@@ -87,3 +87,10 @@ def test_auto_loss_is_gist_only_when_most_queries_have_several_positives():
     assert resolve_loss("auto", one_each[:6] + [{"known_positives": 2}] * 4) == "mnrl"
     assert resolve_loss("gist", one_each) == "gist" and resolve_loss("mnrl", [{"known_positives": 43}]) == "mnrl"
     assert resolve_loss("auto", []) == "mnrl"
+
+
+def test_small_data_trains_at_least_min_steps():
+    assert epochs_for(TrainConfig(batch_size=32, min_steps=32), rows=329) == 3  # 11 steps an epoch
+    assert epochs_for(TrainConfig(batch_size=32, min_steps=32), rows=1026) == 1
+    assert epochs_for(TrainConfig(batch_size=32, min_steps=32, epochs=2), rows=5000) == 2
+    assert epochs_for(TrainConfig(batch_size=32, min_steps=0), rows=10) == 1
