@@ -181,9 +181,9 @@ def main() -> None:
     total = sum(len(negatives) for negatives in st["negatives"].values())
     overlap = identical / max(total, 1)
     print(f"pairs: {len(st['negatives'])}; identical negatives: {identical}/{total} = {overlap:.4f}")
-    print(f"sentence-transformers: {statistics.median(r[0]['seconds'] for r in rounds):.1f}s (median), peak {st['peak_gb']:.2f} GB")
-    print(f"embedforge cold:       {statistics.median(r[1]['seconds'] for r in rounds):.1f}s (median), peak {cold['peak_gb']:.2f} GB")
-    print(f"embedforge warm:       {statistics.median(r[2]['seconds'] for r in rounds):.1f}s (median), peak {warm['peak_gb']:.2f} GB")
+    for column, label in enumerate(("sentence-transformers:", "embedforge cold:", "embedforge warm:")):
+        seconds = statistics.median(side[column]["seconds"] for side in rounds)
+        print(f"{label:22} {seconds:.1f}s (median), peak {rounds[0][column]['peak_gb']:.2f} GB")
     ivf = fresh("--part", "ivf", "--ivf-vectors", str(arguments.ivf_vectors), "--ivf-queries", str(arguments.ivf_queries))
     print(f"IVF over {arguments.ivf_vectors:,} vectors, {arguments.ivf_queries:,} queries: build {ivf['build_seconds']:.1f}s, "
           f"search {ivf['search_seconds']:.1f}s, recall@100 {ivf['recall_at_100']:.3f}, peak {ivf['peak_gb']:.2f} GB")

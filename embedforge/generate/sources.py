@@ -3,14 +3,13 @@ imported pairs, real user queries for the prompt, and the BEIR eval layout."""
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
 from embedforge.config import GenerateConfig
 from embedforge.corpus import split_of, unit_hash
 from embedforge.errors import EmbedforgeError
-from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, write_jsonl
+from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, sha256_text, write_jsonl
 from embedforge.generate.filters import normalize_query
 
 def batch_request(key: str, model: str, messages: list, config: GenerateConfig) -> dict:
@@ -106,10 +105,10 @@ def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen:
         split = split_of("query:" + normalized, config.dev_fraction, config.test_fraction)
         if split == "train" and cap is not None:
             pairs = sorted(pairs, key=lambda pair: unit_hash(normalized + "\t" + pair[1]))
+        # Ids come from the pair itself, not from its line in the file: reordering the file keeps every id.
+        query_hash = sha256_text(normalized)[:12]
         for rank, (text, passage_id) in enumerate(pairs):
-            # The id comes from the pair itself, not from its line in the file: reordering the file keeps every id.
-            identifier = f"{passage_id}-i{hashlib.sha256(normalized.encode('utf-8')).hexdigest()[:12]}"
-            row = {"_id": identifier, "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
+            row = {"_id": f"{passage_id}-i{query_hash}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
             if split == "train" and cap is not None and rank >= cap:
                 row["known_only"] = True
                 stats.accepted["known_only"] += 1
