@@ -10,6 +10,7 @@ API keys are held by the client object only: never logged, hashed or written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import itertools
 import json
@@ -70,6 +71,13 @@ class _MalformedBody(Exception):
     """The endpoint answered 200 with a body that is not a chat completion (a truncated or broken body)."""
 
 
+@functools.lru_cache(maxsize=1)
+def _sdk_platform():
+    from openai._base_client import get_platform
+
+    return get_platform()
+
+
 def _retry_after_seconds(error: BaseException | None) -> float | None:
     response = getattr(error, "response", None)
     headers = getattr(response, "headers", None)
@@ -127,7 +135,16 @@ class OpenAIChatModel:
         # Several clients, used in turn: the HTTP connection pool probes each of its idle
         # connections on every request, so one pool of 64 connections spends more CPU on that
         # bookkeeping than on the calls; 8 pools of about 8 spend an eighth.
-        return [openai.AsyncOpenAI(**self._client_options) for _ in range(CONNECTION_POOLS)]
+        clients = [openai.AsyncOpenAI(**self._client_options) for _ in range(CONNECTION_POOLS)]
+        # The SDK looks up the platform (for its X-Stainless-OS header) on a client's first request,
+        # in a worker thread, once per request that starts before the first lookup ends: 64 calls
+        # opening at once run 64 lookups, each reading the Python binary, and stall the event loop
+        # for ~80 ms. Looked up once here instead.
+        platform = _sdk_platform()
+        for client in clients:
+            if getattr(client, "_platform", "absent") is None:
+                client._platform = platform
+        return clients
 
     def _client(self):
         """The next client of the running event loop's set: connections belong to one loop, so a

@@ -23,7 +23,7 @@ in the test (``fake_openai.latency = 0.2``, ``fake_openai.api_key = ...``).
                        (including faulted / rejected ones), in arrival order.
 * ``headers``       -- request headers (dict, lower-cased names) of the same
                        requests, index-aligned with ``requests``.
-* ``max_in_flight`` -- highest number of chat requests handled at once.
+* ``max_in_flight`` -- highest number of chat requests held (over ``latency``) at once.
 * ``latency``       -- seconds slept before answering each chat request.
 * ``responder``     -- ``callable(body) -> str | Fault`` giving the assistant
                        content; default :func:`default_responder`
@@ -269,11 +269,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = None
         fake._record(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")},
                      {k.lower(): v for k, v in self.headers.items()})
-        fake._enter()
-        try:
-            self._chat(body)
-        finally:
-            fake._leave()
+        self._chat(body)
 
     def _chat(self, body: Any) -> None:
         fake = self.fake
@@ -284,8 +280,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         model = body.get("model")
         if not fake.model_ok(model):
             return self._model_not_found(model)
-        if fake.latency > 0:
-            fake._stop.wait(fake.latency)
+        # Counted over the wait only: once the reply is being written, the client may already
+        # have sent its next request, and counting both would report one call too many.
+        fake._enter()
+        try:
+            if fake.latency > 0:
+                fake._stop.wait(fake.latency)
+        finally:
+            fake._leave()
 
         item = fake._next_scripted()
         if item is None:

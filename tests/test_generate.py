@@ -309,3 +309,26 @@ def test_imported_query_ids_do_not_depend_on_the_order_of_the_file(tmp_path):
         generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / name, _config(min_pairs=1, queries=path, llm_model="none"), None, seed=0)
         ids.append({row["_id"]: (row["text"], row["passage_id"]) for row in read_jsonl(tmp_path / name / "queries.jsonl")})
     assert len(ids[0]) == len(pairs) and ids[0] == ids[1]
+
+
+def test_objects_from_before_the_calls_are_frozen_during_them_and_released_after(tmp_path):
+    import gc
+
+    frozen_during = []
+
+    class Watching(ScriptedLLM):
+        async def complete(self, messages, **options):
+            frozen_during.append(gc.get_freeze_count())
+            return await super().complete(messages, **options)
+
+    assert gc.get_freeze_count() == 0
+    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "plain", _config(), Watching(), seed=0)
+    assert min(frozen_during) > 0 and gc.get_freeze_count() == 0
+    # A caller that froze objects of its own finds them still frozen afterwards.
+    gc.freeze()
+    try:
+        theirs = gc.get_freeze_count()
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "caller", _config(), Watching(), seed=0)
+        assert gc.get_freeze_count() >= theirs
+    finally:
+        gc.unfreeze()

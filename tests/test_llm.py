@@ -89,6 +89,29 @@ def test_concurrency_is_bounded_by_the_caller(fake_openai):
     assert fake_openai.max_in_flight <= 3
 
 
+def test_calls_that_open_together_look_up_the_platform_once(fake_openai, monkeypatch):
+    # The SDK looks it up in a worker thread for each request that starts before its first lookup
+    # ends: 16 calls at once would run 16 lookups (reading the Python binary each time).
+    import openai._base_client
+
+    from embedforge import llm
+
+    lookups = []
+    real = openai._base_client.get_platform
+    monkeypatch.setattr(openai._base_client, "get_platform", lambda: lookups.append(1) or real())
+    llm._sdk_platform.cache_clear()
+    model = client(fake_openai)
+
+    async def together():
+        try:
+            return await asyncio.gather(*[model.complete(MESSAGES, temperature=0.0, max_tokens=8) for _ in range(16)])
+        finally:
+            await model.aclose()
+
+    assert len(asyncio.run(together())) == 16
+    assert len(lookups) == 1
+
+
 def test_remote_endpoint_needs_a_key(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(EmbedforgeError, match="OPENAI_API_KEY"):
