@@ -73,8 +73,10 @@ class _MalformedBody(Exception):
 
 @functools.lru_cache(maxsize=1)
 def _sdk_platform():
-    from openai._base_client import get_platform
-
+    try:  # a private helper of the SDK: without it, each client looks the platform up itself
+        from openai._base_client import get_platform
+    except ImportError:
+        return None
     return get_platform()
 
 
