@@ -122,16 +122,17 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None,
     the batch size follows the texts' length (`batch_plan`), `batch_size` being the most."""
     encode = model.encode_query if kind == "query" else model.encode_document
     options = dict(normalize_embeddings=True, convert_to_numpy=True)
+    given_bar = hasattr(progress, "update")
     show = len(texts) > 256 if progress is None else bool(progress)
     if pool is not None or str(model.device) != "cpu" or not texts:
-        vectors = encode(texts, batch_size=batch_size, show_progress_bar=show and not hasattr(progress, "update"), pool=pool, **options)
-        if hasattr(progress, "update"):
+        vectors = encode(texts, batch_size=batch_size, show_progress_bar=show and not given_bar, pool=pool, **options)
+        if given_bar:
             progress.update(len(texts))
         return np.ascontiguousarray(vectors, dtype=np.float32)
     from tqdm.auto import tqdm
 
     # disable=None: a bar on a terminal, none in a log file
-    bar = progress if hasattr(progress, "update") else tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=None if show else True)
+    bar = progress if given_bar else tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=None if show else True)
     vectors = None
     try:
         for positions, size in batch_plan([len(text) for text in texts], batch_size, model.max_seq_length):
@@ -141,7 +142,7 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None,
             vectors[positions] = part
             bar.update(len(positions))
     finally:
-        if bar is not progress:
+        if not given_bar:
             bar.close()
     return vectors
 
