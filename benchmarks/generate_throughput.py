@@ -117,7 +117,7 @@ def main() -> None:
             min_pairs=arguments.passages, max_rounds=1, dev_fraction=0.0, test_fraction=0.0, round_trip_k=0, concurrency=arguments.concurrency,
             response_format="text", max_query_words=24,
         )
-        llm = OpenAIChatModel(base_url, "fake-model", api_key="not-needed", timeout=30)
+        llm = OpenAIChatModel(base_url, "fake-model", api_key="not-needed", timeout=30, concurrency=arguments.concurrency)  # as make_chat_model builds it
         started = time.perf_counter()
         stats = generate(passages, load_prompt(DEFAULT_PROMPT), Path(folder), config, llm, seed=0)
         elapsed = time.perf_counter() - started

@@ -19,8 +19,16 @@ import typer
 from embedforge.config import FIELD_SECTION, RunConfig, encoder_prompts, load_config
 from embedforge.errors import EmbedforgeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")
+# rich_markup_mode=None: plain click help wraps long descriptions instead of cutting them with "…".
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")
 STAGE_NAMES = ("generate", "mine", "train", "evaluate")
+_VERBOSE = {"traceback": False}
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "-v", "--verbose", help="print the traceback of an unexpected error (a bug)")) -> None:
+    _VERBOSE["traceback"] = verbose
 
 
 def _field_info(name: str):
@@ -48,7 +56,9 @@ def config_parameters() -> list[inspect.Parameter]:
     for name in FIELD_SECTION:
         info = _field_info(name)
         help_text = (info.description or "") + f" (config: {FIELD_SECTION[name] + '.' if FIELD_SECTION[name] else ''}{name}; default: {info.default})"
-        option = typer.Option(None, "--" + name.replace("_", "-"), help=help_text, show_default=False)
+        flag = "--" + name.replace("_", "-")
+        names = [f"{flag}/--no-{flag[2:]}"] if info.annotation is bool else [flag]
+        option = typer.Option(None, *names, help=help_text, show_default=False)
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_flag_type(info.annotation)))
     return parameters
 
@@ -78,7 +88,7 @@ def _llm_factory(generate_config, seed: int):
     from embedforge.llm import make_chat_model
 
     return make_chat_model(generate_config.base_url, generate_config.llm_model, generate_config.api_key_env,
-                           generate_config.timeout, generate_config.max_attempts, generate_config.concurrency, seed)
+                           generate_config.timeout, generate_config.max_attempts, generate_config.concurrency, seed, generate_config.max_wait_total)
 
 
 def _pipeline(overrides: dict, config_file: Optional[Path], **options) -> None:
@@ -241,12 +251,47 @@ def search(query: str = typer.Argument(..., help="the query text"),
 
 
 def main() -> None:
+    """Every failure that reaches the user ends here as what / where / fix and exit 1 (130 for
+    Ctrl-C); only a bug prints a traceback, and then only with -v."""
     from embedforge.generate import BatchExported
 
     try:
         app()
+    except SystemExit as exit:
+        if exit.code == 130:  # typer's word for Ctrl-C
+            typer.echo("interrupted: finished stages and every LLM answer received (generate/requests.jsonl) are kept; "
+                       "rerun the same command to resume.", err=True)
+        raise
     except BatchExported as error:
         typer.echo(error.message)
     except EmbedforgeError as error:
-        typer.echo(f"error: {error.message}", err=True)
-        sys.exit(1)
+        _fail(error)
+    except OSError as error:
+        _fail(os_error(error))
+    except Exception as error:
+        if _VERBOSE["traceback"]:
+            raise
+        _fail(EmbedforgeError(f"Unexpected error ({type(error).__name__}: {str(error)[:300]}); this is a bug in embedforge", where="embedforge",
+                              fix="rerun with `embedforge -v ...` for the traceback, and report it"))
+
+
+def os_error(error: OSError) -> EmbedforgeError:
+    """An operating-system failure (permissions, a full disk, a file where a folder belongs) in user terms."""
+    import errno
+
+    fixes = {
+        errno.ENOSPC: "free disk space and rerun; finished stages are kept",
+        errno.EROFS: "choose a writable --run / --cache folder",
+        errno.EACCES: "fix the permissions, or choose another --run / --cache folder",
+        errno.EPERM: "fix the permissions, or choose another --run / --cache folder",
+        errno.ENOTDIR: "a file stands where a folder is needed: check --run, --cache and the input paths",
+        errno.EEXIST: "a file stands where a folder is needed: check --run, --cache and the input paths",
+        errno.ENOENT: "check that the path exists",
+    }
+    where = error.filename or "the file system"
+    return EmbedforgeError(f"{error.strerror or type(error).__name__}", where=str(where), fix=fixes.get(error.errno, "check the path and its permissions"))
+
+
+def _fail(error: EmbedforgeError) -> None:
+    typer.echo(f"error: {error.message}", err=True)
+    sys.exit(1)

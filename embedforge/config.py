@@ -24,7 +24,7 @@ DEFAULT_PROMPT = PROMPTS_DIR / "question.toml"
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 LOCAL_LLM = "SmolLM2-135M-Instruct"
 
-RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "max_attempts", "export_batch", "import_batch"}
+RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "max_attempts", "max_wait_total", "export_batch", "import_batch", "keep_checkpoints"}
 
 
 class _Frozen(BaseModel):
@@ -58,6 +58,7 @@ class GenerateConfig(_Frozen):
     max_reasks: int = Field(2, ge=0, description="re-ask a passage whose answer could not be parsed, at most this many times")
     examples: Path | None = Field(None, description="file of real user queries (one per line, or JSONL with 'text'), shown to the LLM for style")
     queries: Path | None = Field(None, description="existing pairs to import: JSONL of query + passage_id, or a BEIR folder (queries + qrels/train.tsv)")
+    filter_imports: bool = Field(True, description="imported queries pass the same cheap filters as generated ones (length, instruction-like, copied); --no-filter-imports keeps them all")
     max_positives_per_query: int | None = Field(
         None, ge=1, description="imported queries: train on at most this many of a query's passages; the rest stay known positives that mining never uses as negatives"
     )
@@ -65,6 +66,7 @@ class GenerateConfig(_Frozen):
     import_batch: Path | None = Field(None, description="load OpenAI Batch API results into the request ledger before generating")
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(32, ge=4)
+    max_passage_tokens: int = Field(2048, ge=16, description="passages longer than this (about 4 characters a token) are cut for the prompt; the stored passage is unchanged")
     min_query_words: int = Field(2, ge=1)
     max_query_words: int = Field(24, ge=1)
     max_copy_overlap: float = Field(0.8, gt=0, le=1, description="reject a query whose tokens are mostly a span of the passage")
@@ -75,7 +77,8 @@ class GenerateConfig(_Frozen):
     max_test_queries: int = Field(300, ge=0)
     concurrency: int = Field(16, ge=1)
     timeout: float = Field(60.0, gt=0)
-    max_attempts: int = Field(6, ge=1)
+    max_attempts: int = Field(6, ge=1, description="attempts per request on 5xx, timeouts, dropped connections and broken bodies")
+    max_wait_total: float = Field(900.0, gt=0, description="seconds a request keeps waiting out rate limits (429) before it is recorded as failed")
 
 
 class MineConfig(_Frozen):
@@ -101,6 +104,7 @@ class TrainConfig(_Frozen):
     epochs: int = Field(1, ge=1)
     min_steps: int = Field(32, ge=0, description="train at least this many steps: small data gets more epochs than --epochs (0 = exactly --epochs)")
     batch_size: int = Field(32, ge=2)
+    keep_checkpoints: bool = Field(False, description="keep train/checkpoints/ after a successful training (by default only the final model is kept)")
 
     @field_validator("matryoshka_dims", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[Any]:
         _remove_quietly(temporary)
         if error.errno == errno.ENOSPC:
             raise EmbedforgeError(
-                "No space left on the device while writing", where=str(path), fix="free disk space and rerun; nothing partial was kept"
+                "No space left on the device while writing", where=str(path), fix="free disk space and rerun; the half-written file was removed"
             ) from error
         raise
     except BaseException:
@@ -186,3 +186,68 @@ class JsonlAppender:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """Fail at once, naming the flag, when `path` cannot hold our files: it names a file, or the
+    folder cannot be made or written (read-only, no permission). A probe file is written and
+    removed, since permission bits do not tell (root ignores them; a read-only mount ignores them)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EmbedforgeError(f"{flag} names a file, not a folder", where=str(path), fix=f"pass {flag} with a folder path (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise EmbedforgeError(
+            f"Cannot write to the {flag} folder ({error.strerror})", where=str(error.filename or path),
+            fix=f"pass {flag} with a writable folder, or fix its permissions",
+        ) from error
+
+
+class FolderLock:
+    """An exclusive lock on a folder for this process's life (fcntl on `<folder>/.lock`).
+
+    A second process fails at once, naming the holder's PID. The kernel drops the lock of a
+    process that dies however it dies (SIGKILL included), so a lock file left behind is simply
+    taken over: there is no stale lock to clean up by hand.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._handle = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise EmbedforgeError(
+                f"Another embedforge process (PID {holder}) is working in this run directory",
+                where=str(self.path.parent),
+                fix="wait for it to finish or stop it, or use another --run; a lock of a killed process is taken over automatically",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock
+            self._handle = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

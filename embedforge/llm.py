@@ -15,10 +15,11 @@ import importlib.util
 import itertools
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from embedforge.errors import EmbedforgeError
 
@@ -32,6 +33,20 @@ class Completion:
     usage: dict[str, int] = field(default_factory=dict)
     attempts: int = 1
     latency: float = 0.0
+    retried: dict[str, int] = field(default_factory=dict)  # failed attempts before the answer, by status ("429", "500", "timeout", ...)
+    backoffs: int = 0  # times this call's rate limits lowered the endpoint's concurrency
+
+
+class RequestFailed(EmbedforgeError):
+    """One request got no answer: its retries ran out, or the endpoint refused this passage
+    (`reason` "context_length": the prompt is longer than the model's context). Not fatal: the
+    stage records it as failed (never as an answer) and asks again later."""
+
+    def __init__(self, what: str, where: str, fix: str, statuses: dict[str, int], reason: str = "failed", backoffs: int = 0):
+        super().__init__(what, where=where, fix=fix)
+        self.statuses = statuses
+        self.reason = reason
+        self.backoffs = backoffs
 
 
 class ChatModel(Protocol):
@@ -46,6 +61,7 @@ class ChatModel(Protocol):
 
 
 def strip_credentials(url: str) -> str:
+    """The URL without user, password and query string: what may be written or printed."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
     if parts.port:
@@ -69,6 +85,68 @@ def _is_retryable(error: BaseException) -> bool:
 
 class _MalformedBody(Exception):
     """The endpoint answered 200 with a body that is not a chat completion (a truncated or broken body)."""
+
+
+def _status_label(error: BaseException | None) -> str:
+    """How a failed attempt is counted: its HTTP status, or what went wrong without one."""
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return str(error.status_code)
+    if isinstance(error, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(error, openai.APIConnectionError):
+        return "connection"
+    return "malformed_body"
+
+
+_CONTEXT_WORDS = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
+
+
+class _AdaptiveLimit:
+    """At most `limit` attempts in flight: halved when the endpoint answers 429, one higher after
+    `limit` answers in a row without one (additive increase, multiplicative decrease, as TCP), so a
+    rate-limited endpoint is not hammered and full speed returns when it recovers. 429s of attempts
+    that started before the last decrease answer an older limit and do not lower it again.
+    Without a ceiling the limit starts unbounded (the caller bounds concurrency) until the first 429."""
+
+    def __init__(self, ceiling: int | None = None):
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self.in_flight = 0
+        self.generation = 0
+        self.successes = 0
+        self.backoffs = 0
+        self._waiters: list[asyncio.Future] = []
+
+    async def acquire(self) -> int:
+        while self.limit is not None and self.in_flight >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.in_flight += 1
+        return self.generation
+
+    def release(self, generation: int, rate_limited: bool) -> bool:
+        """Give the slot back; True when this 429 lowered the limit."""
+        self.in_flight -= 1
+        lowered = False
+        if rate_limited:
+            self.successes = 0
+            current = self.limit if self.limit is not None else self.in_flight + 1
+            if generation == self.generation and current > 1:
+                self.limit, self.generation, self.backoffs, lowered = max(1, current // 2), self.generation + 1, self.backoffs + 1, True
+        elif self.limit is not None and (self.ceiling is None or self.limit < self.ceiling):
+            self.successes += 1
+            if self.successes >= self.limit:
+                self.limit, self.successes = self.limit + 1, 0
+        free = len(self._waiters) if self.limit is None else self.limit - self.in_flight
+        while self._waiters and free > 0:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():  # a cancelled call's waiter is skipped
+                waiter.set_result(None)
+                free -= 1
+        return lowered
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,12 +196,21 @@ def _with_format(messages: Messages, mode: str) -> Messages:
 class OpenAIChatModel:
     """Any OpenAI-compatible endpoint (OpenAI, Azure, vLLM, Ollama, llama.cpp server, LM Studio)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_attempts: int = 6, max_wait: float = 60.0):
+    def __init__(self, base_url: str, model: str, api_key: str, timeout: float = 60.0, max_attempts: int = 6, max_wait: float = 60.0,
+                 max_wait_total: float = 900.0, concurrency: int | None = None):
         self.identity = {"model": model, "base_url": strip_credentials(base_url)}
         self.model = model
         self.max_attempts = max_attempts
         self.max_wait = max_wait
-        self._client_options = dict(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+        self.max_wait_total = max_wait_total
+        self.timeout = timeout
+        self.limit = _AdaptiveLimit(concurrency)
+        # A query string in the URL (Azure's api-version, a gateway's key) goes on every request:
+        # left in base_url, the SDK would append the request path after it.
+        parts = urlsplit(base_url)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        self._client_options = dict(base_url=urlunsplit(parts._replace(query="")), api_key=api_key, max_retries=0, timeout=timeout,
+                                    default_query=query or None)
         # Made here, outside any event loop (each costs ~17 ms, most of it loading CA certificates),
         # so the first calls do not wait for them; a later event loop gets a set of its own.
         self._clients = self._new_clients()
@@ -155,6 +242,7 @@ class OpenAIChatModel:
         if self._clients_loop is not loop:
             if self._clients_loop is not None or not self._clients:  # bound to another loop, or closed
                 self._clients = self._new_clients()
+                self.limit = _AdaptiveLimit(self.limit.ceiling)  # its waiters belong to one loop too
             self._clients_loop = loop
             self._next_client = itertools.cycle(self._clients)
         return next(self._next_client)
@@ -194,27 +282,42 @@ class OpenAIChatModel:
 
     async def _complete(self, messages: Messages, temperature: float, max_tokens: int, mode: str) -> Completion:
         import openai
-        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+        from tenacity import AsyncRetrying, retry_if_exception
 
         started = time.monotonic()
-        attempts = 0
+        statuses: Counter = Counter()  # failed attempts by status
+        backoffs = 0
         extra = {"response_format": _FORMAT_PAYLOADS[mode]} if mode != "text" else {}
+
+        def stop(retry_state: Any) -> bool:
+            # A rate limit is waited out within max_wait_total; other failures have max_attempts.
+            if _status_label(retry_state.outcome.exception()) == "429":
+                return retry_state.seconds_since_start >= self.max_wait_total
+            return sum(count for label, count in statuses.items() if label != "429") >= self.max_attempts
+
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop_after_attempt(self.max_attempts), reraise=True
-            ):
+            async for attempt in AsyncRetrying(retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop, reraise=True):
                 with attempt:
-                    attempts += 1
-                    # Plain JSON both ways: posting the body directly skips the client's typed
-                    # transform of every message, and reading the answer as a dict skips building
-                    # ChatCompletion models; each costs about a millisecond of CPU per call.
-                    response = await self._client().post(
-                        "/chat/completions",
-                        body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra},
-                        cast_to=object,
-                    )
-                    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-                        raise _MalformedBody(str(response)[:200])
+                    client = self._client()
+                    generation = await self.limit.acquire()
+                    rate_limited = False
+                    try:
+                        # Plain JSON both ways: posting the body directly skips the client's typed
+                        # transform of every message, and reading the answer as a dict skips building
+                        # ChatCompletion models; each costs about a millisecond of CPU per call.
+                        response = await client.post(
+                            "/chat/completions",
+                            body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra},
+                            cast_to=object,
+                        )
+                        if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+                            raise _MalformedBody(str(response)[:200])
+                    except Exception as error:
+                        statuses[_status_label(error)] += 1
+                        rate_limited = isinstance(error, openai.RateLimitError)
+                        raise
+                    finally:
+                        backoffs += self.limit.release(generation, rate_limited)
         except openai.AuthenticationError as error:
             raise EmbedforgeError(
                 "The endpoint rejected the API key (401)", where=self.identity["base_url"], fix="set a valid key in the environment variable named by api_key_env"
@@ -228,12 +331,29 @@ class OpenAIChatModel:
                 fix="check --llm-model against the endpoint's model list and that --base-url ends in /v1",
             ) from error
         except openai.BadRequestError as error:
+            if any(word in str(error.message).lower() for word in _CONTEXT_WORDS):
+                raise RequestFailed(
+                    "The prompt is longer than the model's context (400)", where=self.identity["base_url"],
+                    fix="lower --max-passage-tokens", statuses=dict(statuses), reason="context_length", backoffs=backoffs,
+                ) from error
             raise EmbedforgeError(f"The endpoint rejected the request (400): {error.message}", where=self.identity["base_url"], fix="check --llm-model and --max-tokens") from error
-        except (openai.APIConnectionError, openai.APITimeoutError) as error:
-            raise EmbedforgeError(
-                f"The endpoint is unreachable after {attempts} attempts ({type(error).__name__})",
-                where=self.identity["base_url"],
-                fix="check --base-url and that the server is running; answers received so far are kept in generate/requests.jsonl",
+        except Exception as error:
+            if isinstance(error, openai.APIStatusError) and not _is_retryable(error):
+                raise EmbedforgeError(f"The endpoint answered {error.status_code}: {error.message}", where=self.identity["base_url"], fix="check --base-url and --llm-model") from error
+            if not _is_retryable(error):
+                raise
+            seen = ", ".join(f"{label} x{count}" for label, count in sorted(statuses.items()))
+            fix = "check --base-url and that the server is running"
+            if statuses.get("timeout"):
+                fix = f"raise --timeout (now {self.timeout:g} s) if the endpoint is slow, or check that the server is running"
+            elif statuses.get("malformed_body"):
+                fix = "check that --base-url is the OpenAI-compatible API (it usually ends in /v1), not a web page or a proxy's error page"
+            elif statuses.get("429"):
+                fix = "lower --concurrency, or raise --max-wait-total to wait out the rate limit longer"
+            unreachable = set(statuses) <= {"connection", "timeout"}
+            raise RequestFailed(
+                f"{'The endpoint is unreachable' if unreachable else 'The request failed'} after {sum(statuses.values())} attempts ({seen})", where=self.identity["base_url"],
+                fix=fix, statuses=dict(statuses), backoffs=backoffs,
             ) from error
         choice = response["choices"][0] if response["choices"] and isinstance(response["choices"][0], dict) else None
         message = choice.get("message") if choice else None
@@ -243,8 +363,10 @@ class OpenAIChatModel:
             text=text if isinstance(text, str) else None,
             finish_reason=choice.get("finish_reason") if choice else "no_choices",
             usage={key: value for key, value in usage.items() if isinstance(value, int) and not isinstance(value, bool)},
-            attempts=attempts,
+            attempts=sum(statuses.values()) + 1,
             latency=time.monotonic() - started,
+            retried=dict(statuses),
+            backoffs=backoffs,
         )
 
 
@@ -424,7 +546,8 @@ def _fast_dtype(device: str):
         return torch.float32
 
 
-def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int) -> ChatModel:
+def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int,
+                    max_wait_total: float = 900.0) -> ChatModel:
     """The local model when no endpoint is configured, else an OpenAI-compatible client."""
     import os
 
@@ -441,4 +564,5 @@ def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, time
                 where=strip_credentials(base_url),
                 fix=f"export {api_key_env}=... (or set api_key_env to the variable that holds it)",
             )
-    return OpenAIChatModel(base_url=base_url, model=llm_model, api_key=api_key, timeout=timeout, max_attempts=max_attempts)
+    return OpenAIChatModel(base_url=base_url, model=llm_model, api_key=api_key, timeout=timeout, max_attempts=max_attempts,
+                           max_wait_total=max_wait_total, concurrency=concurrency)

@@ -83,6 +83,19 @@ def load_prompt(path: Path) -> Prompt:
     return Prompt(path=path, sha256=sha256_file(path), system=data["system"], user=data["user"], examples=tuple(examples))
 
 
+CHARACTERS_PER_TOKEN = 4  # the usual rule of thumb for English BPE tokenizers: no tokenizer of the endpoint is at hand
+
+
+def clip_passage(text: str, max_tokens: int) -> str:
+    """The passage cut at a word boundary to about `max_tokens` tokens, for the prompt only (the
+    stored passage is unchanged): one 200,000-character record must not exceed the LLM's context."""
+    limit = max_tokens * CHARACTERS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return cut[: cut.rfind(" ")] if " " in cut[limit // 2 :] else cut
+
+
 def render_messages(prompt: Prompt, passage: str, title: str, n: int, delimiter: str, user_queries: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Chat messages for one passage: system instructions, few-shot turns, then the passage.
 

@@ -31,7 +31,8 @@ from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, to
 from embedforge.corpus import load_corpus, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
-from embedforge.files import iter_jsonl, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl, write_text
+from embedforge.files import (FolderLock, check_writable_folder, iter_jsonl, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl,
+                              write_text)
 
 STAGES = ("generate", "mine", "train", "evaluate")
 STAGE_VERSIONS = {
@@ -117,6 +118,10 @@ class Run:
         return load_model(self.config.base_model, prompts=encoder_prompts(self.config))
 
     @functools.cached_property
+    def cross_encoder(self):
+        return load_cross_encoder(self.config.mine.cross_encoder)
+
+    @functools.cached_property
     def base_embeddings(self):
         from embedforge.embeddings import corpus_embeddings
 
@@ -153,18 +158,43 @@ class Run:
 
     # --- corpus ----------------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def check_inputs(self) -> None:
+        """What a user can get wrong in the inputs, checked before the first LLM call or encode,
+        each error naming the flag to fix."""
+        from embedforge.prompts import load_prompt
+
+        generate = self.config.generate
+        load_prompt(generate.prompt)
+        for path, flag in ((generate.examples, "--examples"), (generate.queries, "--queries")):
+            if path and not Path(path).exists():
+                raise EmbedforgeError(f"The {flag} file does not exist", where=str(path), fix=f"check {flag}: the path names no file")
+        for folder in self.config.evaluate.eval_set:
+            evaluate_stage.check_eval_set(folder)
+
+    def check_models(self, selected: list[str]) -> None:
+        """Load the models the selected stages need (kept for them) before anything is paid for."""
         if process_rank() != 0:
-            return  # rank 0 normalizes the corpus; the others read what it wrote
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_text(self.dir / "config.toml", config_toml(self.config))
+            return
+        self.base_model
+        if "mine" in selected and self.config.mine.cross_encoder:
+            self.cross_encoder
+
+    def prepare(self, dry_run: bool = False) -> bool:
+        """Normalize the corpus into corpus.jsonl; True when that changes it. A dry run writes nothing."""
+        if process_rank() != 0:
+            return False  # rank 0 normalizes the corpus; the others read what it wrote
         passages = load_corpus(self.config.corpus)
         corpus_path = self.dir / "corpus.jsonl"
-        digest = sha256_json(passages)
-        if not corpus_path.exists() or sha256_json(list(iter_jsonl(corpus_path))) != digest:
-            write_jsonl(corpus_path, passages)
+        changed = not corpus_path.exists() or sha256_json(list(iter_jsonl(corpus_path))) != sha256_json(passages)
         self.__dict__["passages"] = passages
+        if dry_run:
+            return changed
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(self.dir / "config.toml", config_toml(self.config))
+        if changed:
+            write_jsonl(corpus_path, passages)
         self.echo(f"corpus: {len(passages)} passages -> {corpus_path}")
+        return changed
 
     # --- plans -----------------------------------------------------------------------------
 
@@ -252,7 +282,7 @@ class Run:
         texts = sorted(set(trained))
         row_of = {text: row for row, text in enumerate(texts)}
         vectors = self.encode_queries(texts)[[row_of[text] for text in trained]]
-        cross_encoder = load_cross_encoder(self.config.mine.cross_encoder) if self.config.mine.cross_encoder else None
+        cross_encoder = self.cross_encoder if self.config.mine.cross_encoder else None
         return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed, cross_encoder)
 
     def _held_out(self, split: str) -> tuple[dict[str, str], dict[str, set[str]]]:
@@ -267,18 +297,15 @@ class Run:
         # Resume only an interrupted training of exactly these inputs and settings; a finished one
         # that reruns (forced, or its model deleted) starts afresh.
         previous = self.manifest["stages"].get("train", {})
-        interrupted = previous.get("status") != "done" and marker.exists() and marker.read_text().strip() == plan.fingerprint
+        interrupted = (plan.reason != "forced" and previous.get("status") != "done" and marker.exists()
+                       and marker.read_text().strip() == plan.fingerprint)
         if process_rank() == 0:
             if checkpoints.exists() and not interrupted:
                 shutil.rmtree(checkpoints)
             checkpoints.mkdir(parents=True, exist_ok=True)
             marker.write_text(plan.fingerprint)
         dev_queries, dev_qrels = self._held_out("dev")
-        notes = {
-            "corpus sha256": plan.inputs.get("corpus.jsonl"),
-            "prompt sha256": sha256_file(self.config.generate.prompt),
-            "LLM": self.config.generate.base_url and f"{self.config.generate.llm_model} at {self.config.generate.base_url}" or "local SmolLM2-135M-Instruct",
-        }
+        notes = {"corpus sha256": plan.inputs.get("corpus.jsonl"), "prompt sha256": sha256_file(self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
         rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))
         return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.dir / "train", self.config.train, self.config.seed, self.config.encode_batch_size, notes,
                                  prompts=encoder_prompts(self.config))
@@ -308,6 +335,15 @@ class Run:
         write_json(self.manifest_path, self.manifest)
 
 
+def llm_note(generate) -> str:
+    """Where the training queries came from, for the model card: model cards get published, so never a credential."""
+    if generate.llm_model == "none":
+        return f"none: queries imported from {Path(generate.queries).name}" if generate.queries else "none"
+    if generate.base_url:
+        return f"{generate.llm_model} at {strip_credentials(generate.base_url)}"
+    return "local SmolLM2-135M-Instruct"
+
+
 def load_cross_encoder(name_or_path: str):
     from sentence_transformers.cross_encoder import CrossEncoder
 
@@ -329,14 +365,30 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
         dry_run: bool = False, echo: Callable[[str], None] = print) -> Run:
     """Run the selected stages in order, skipping those that are up to date."""
     pipeline = Run(config, llm_factory=llm_factory, echo=echo)
-    pipeline.prepare()
     selected = select_stages(from_stage, to_stage)
-    forced = set(force)
-    if from_stage:
-        forced.add(from_stage)
+    lock = None
+    if not dry_run and process_rank() == 0:  # torchrun's other ranks work under rank 0's lock
+        check_writable_folder(config.run, "--run")
+        check_writable_folder(config.cache, "--cache")
+        lock = FolderLock(config.run).acquire()
+    try:
+        pipeline.check_inputs()
+        corpus_changed = pipeline.prepare(dry_run)
+        _run_stages(pipeline, selected, set(force) | ({from_stage} if from_stage else set()), dry_run, corpus_changed, echo)
+    finally:
+        if lock:
+            lock.release()
+    return pipeline
+
+
+def _run_stages(pipeline: Run, selected: list[str], forced: set[str], dry_run: bool, corpus_changed: bool, echo: Callable[[str], None]) -> None:
+    models_checked = False
     for stage in selected:
-        plan = pipeline.plan(stage)
-        reason = pipeline.why_run(plan, stage in forced)
+        if dry_run and corpus_changed:
+            reason = "changed: input corpus.jsonl"  # a dry run does not write the new corpus.jsonl to compare against
+        else:
+            plan = pipeline.plan(stage)
+            reason = pipeline.why_run(plan, stage in forced)
         if not reason:
             echo(f"{stage}: Skipping: nothing changed")
             continue
@@ -351,6 +403,10 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
                 f"Stage {stage} is not up to date, and only train runs under torchrun", where=str(pipeline.dir),
                 fix=f"run `embedforge run --to {STAGES[STAGES.index('train') - 1]}` first, then torchrun ... -m embedforge train",
             )
+        if not models_checked:
+            pipeline.check_models(selected[selected.index(stage) :])
+            models_checked = True
+        plan.reason = reason
         echo(f"{stage}: running ({reason})")
         started = time.time()
         try:
@@ -368,7 +424,6 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
             "stats": stats, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), "device": _device(),
         })
         echo(f"{stage}: done in {seconds:.1f}s: {_summary(stats)}")
-    return pipeline
 
 
 def _device() -> str:

@@ -3,7 +3,9 @@
 Reads:  mine/train.jsonl, corpus.jsonl and the dev split of generate/eval (never test).
 Writes: train/model/ (SentenceTransformer.save() output with a model card),
         train/checkpoints/ (resumable Trainer checkpoints).
-Keeps:  the checkpoints: a killed training run resumes from the last one.
+Keeps:  the checkpoints while training: a killed run resumes from the newest complete one (a
+        half-saved one is removed). After a successful training only the final model is kept,
+        unless keep_checkpoints.
 
 Hard negatives are extra columns. Rows are grouped by how many negatives mining found, one
 dataset per group, so a shortfall query still trains with what it has. The best state on
@@ -12,6 +14,8 @@ dev NDCG@10 is kept; when it is no better than the base model, the stats say so.
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import math
 import os
@@ -21,10 +25,41 @@ from pathlib import Path
 
 from embedforge.config import TrainConfig
 from embedforge.embeddings import load_model, passage_text
+from embedforge.errors import EmbedforgeError
 
 STAGE_VERSION = 1
 DEV_METRIC = "dev_cosine_ndcg@10"
 logger = logging.getLogger(__name__)
+
+
+def remove_incomplete_checkpoints(checkpoints: Path) -> list[str]:
+    """Remove checkpoints whose save never finished (killed mid-save, or the disk filled up).
+
+    The Trainer writes trainer_state.json last, so a checkpoint without a readable one is partial;
+    resuming from it fails on every later run. Returns the names removed."""
+    removed = []
+    for folder in sorted(Path(checkpoints).glob("checkpoint-*")):
+        state = folder / "trainer_state.json"
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+            continue
+        except (OSError, ValueError):
+            pass
+        logger.warning("removing %s: its save did not finish (no readable trainer_state.json)", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
+def quiet_trainer_logs(trainer) -> None:
+    """The Trainer prints a metrics dict on stdout every logging step and epoch; the stats keep
+    what matters, so they go to the debug log."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            callback.on_log = lambda args, state, control, logs=None, **kwargs: logger.debug("%s", logs)
 
 
 def training_datasets(rows: list[dict]):
@@ -166,6 +201,7 @@ def train(
         logging_steps=10,
         report_to="none",
         disable_tqdm=os.environ.get("EMBEDFORGE_PROGRESS") == "0",
+        dataloader_pin_memory=cuda,  # pinned memory helps only a GPU; on a CPU torch warns about it on every epoch
         prompts=column_prompts(model, datasets),
     )
     trainer = SentenceTransformerTrainer(
@@ -175,10 +211,21 @@ def train(
         loss=make_loss(model, config, base_model, loss_name, distributed=distributed, prompts=prompts),
         evaluator=evaluator,
     )
+    quiet_trainer_logs(trainer)
+    remove_incomplete_checkpoints(checkpoints)
     last = get_last_checkpoint(str(checkpoints))
     if last:
         logger.info("resuming training from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        result = trainer.train(resume_from_checkpoint=last)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        removed = remove_incomplete_checkpoints(checkpoints)
+        raise EmbedforgeError(
+            "No space left on the device while saving a training checkpoint" + (f" ({', '.join(removed)} was removed half-saved)" if removed else ""),
+            where=str(checkpoints), fix="free disk space, then rerun: training resumes from the newest complete checkpoint",
+        ) from error
     # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.
     tuned_dev = trainer.state.best_metric if arguments.load_best_model_at_end else None
     if tuned_dev is None and evaluator:
@@ -199,6 +246,8 @@ def train(
     model.max_seq_length = inference_length
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only rank 0 writes the model
         save_model(model, out_dir / "model", base_model, config, stats, model_card_notes or {})
+        if not config.keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # with optimizer state: a finished 34-pair run kept 520 MB
     if improved is False:
         logger.warning(
             "FINE-TUNING DID NOT HELP: dev NDCG@10 %.4f (fine-tuned) vs %.4f (base). Keep the base model; see README 'When fine-tuning does not help'.",

@@ -23,6 +23,7 @@ in the test (``fake_openai.latency = 0.2``, ``fake_openai.api_key = ...``).
                        (including faulted / rejected ones), in arrival order.
 * ``headers``       -- request headers (dict, lower-cased names) of the same
                        requests, index-aligned with ``requests``.
+* ``queries``       -- the URL query parameters of the same requests (``parse_qs``).
 * ``max_in_flight`` -- highest number of chat requests held (over ``latency``) at once.
 * ``latency``       -- seconds slept before answering each chat request.
 * ``responder``     -- ``callable(body) -> str | Fault`` giving the assistant
@@ -62,6 +63,7 @@ Faults (what the real openai 3.x client raises, with ``max_retries=0``):
 * ``Fault.content(text, finish_reason="stop")`` -- a normal reply with the
   given content (may be ``None``) and finish_reason.
 * ``Fault.empty_choices()`` -- 200 with ``"choices": []``.
+* ``Fault.html()`` -- 200 with an HTML page (a proxy's error page) instead of JSON.
 
 ``"stream": true`` requests get a minimal SSE stream (one content chunk, one
 finish chunk, ``[DONE]``); error faults apply to them too.
@@ -77,7 +79,9 @@ import itertools
 import json
 import re
 import socket
+import sys
 import threading
+import urllib.parse
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -129,6 +133,10 @@ class Fault:
     @classmethod
     def empty_choices(cls) -> "Fault":
         return cls("empty_choices")
+
+    @classmethod
+    def html(cls) -> "Fault":
+        return cls("html")
 
 
 Responder = Callable[[dict], Union[str, Fault]]
@@ -190,6 +198,11 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     fake: "FakeOpenAI"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gives up on its calls (cancelled, or stopped) resets its connections: not a server fault.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -268,7 +281,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             body = None
         fake._record(body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")},
-                     {k.lower(): v for k, v in self.headers.items()})
+                     {k.lower(): v for k, v in self.headers.items()}, urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query))
         self._chat(body)
 
     def _chat(self, body: Any) -> None:
@@ -335,6 +348,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if f.kind == "content":
             return self._reply(body, f.text, f.finish_reason, model)
+        if f.kind == "html":  # a proxy's or gateway's error page, served as 200
+            return self._send(200, b"<html><body><h1>Service temporarily unavailable</h1></body></html>", content_type="text/html")
         if f.kind == "empty_choices":
             payload = fake._completion(body, "", "stop", model)
             payload["choices"] = []
@@ -374,6 +389,7 @@ class FakeOpenAI:
         self.latency = float(latency)
         self.requests: list = []
         self.headers: list = []
+        self.queries: list = []
         self.max_in_flight = 0
         self.in_flight = 0
         self.base_url: Optional[str] = None
@@ -439,10 +455,11 @@ class FakeOpenAI:
         return name in self.models
 
     # ------------------------------------------------------------ internal
-    def _record(self, body: dict, headers: dict) -> None:
+    def _record(self, body: dict, headers: dict, query: Optional[dict] = None) -> None:
         with self._lock:
             self.requests.append(body)
             self.headers.append(headers)
+            self.queries.append(query or {})
 
     def _enter(self) -> None:
         with self._lock:

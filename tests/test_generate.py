@@ -107,7 +107,11 @@ def test_new_rounds_ask_again_then_fail_with_a_clear_message(tmp_path):
     assert "fewer than min_pairs=5" in caught.value.message and "3 rounds" in caught.value.message
     ledger = read_jsonl(tmp_path / "requests.jsonl")
     assert {row["sample_index"] for row in ledger} == {0, 1, 2}
-    assert not (tmp_path / "queries.jsonl").exists()  # nothing half-written
+    # What was decided is on disk, so the user can see why: one accepted query, the rest duplicates.
+    assert "duplicate" in caught.value.message
+    accepted, rejects = read_jsonl(tmp_path / "queries.jsonl"), read_jsonl(tmp_path / "rejects.jsonl")
+    assert [q["text"] for q in accepted] == ["the same query every time"]
+    assert rejects and {r["reason"] for r in rejects} == {"duplicate"}
 
 
 def test_request_budget_stops_generation(tmp_path):

@@ -57,3 +57,23 @@ def eval_set_files(folder: Path, split: str = "test") -> dict[str, str]:
     """The files of a BEIR eval set and their hashes: the inputs of a fingerprint."""
     folder = Path(folder)
     return {str(folder / name): sha256_file(folder / name) for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if (folder / name).exists()}
+
+
+def check_eval_set(folder: Path, split: str = "test", examples: int = 3) -> None:
+    """A complete BEIR folder whose qrels name only queries and passages it holds, checked before a
+    run pays for anything: a qrels id that matches nothing would score 0 without a word."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbedforgeError("Eval set folder not found", where=str(folder), fix="pass --eval-set with a BEIR folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    missing = [name for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if not (folder / name).is_file()]
+    if missing:
+        raise EmbedforgeError(f"The eval set lacks {', '.join(missing)}", where=str(folder), fix="an eval set is a BEIR folder: corpus.jsonl, queries.jsonl and qrels/test.tsv")
+    qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
+    for name, ids in (("queries.jsonl", set(qrels)), ("corpus.jsonl", {doc for docs in qrels.values() for doc in docs})):
+        known = {str(row.get("_id")) for row in iter_jsonl(folder / name)}
+        unknown = sorted(ids - known)
+        if unknown:
+            raise EmbedforgeError(
+                f"qrels/{split}.tsv names {len(unknown)} ids that are not in {name} (e.g. {', '.join(unknown[:examples])})",
+                where=str(folder / "qrels" / f"{split}.tsv"), fix=f"make the qrels ids match the _id values of {name}",
+            )

@@ -34,7 +34,11 @@ def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_s
 
 def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
     """BM25 over title + text (the same passage text the dense models encode)."""
+    import logging
+
     import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets it to DEBUG when imported
 
     from embedforge.embeddings import passage_text
 

@@ -10,7 +10,11 @@ from embedforge.config import GenerateConfig
 # Answers that talk about the task, refuse, or write code instead of a query.
 _META_PATTERNS = re.compile(
     r"^(here (is|are)|sure[,!.]|certainly|as an ai|i'm |i am |i cannot|i can't|sorry|note:|what is the output of|you can|yes[,.!]|no[,.!]|the passage|this passage|passage:|query:|search query:|answer:|question:)"
-    r"|\b(as an ai|language model)\b|```|^(import|def|class|from|#include|>>>)\b",
+    r"|\b(as an ai|language model)\b|```|^(import|def|class|from|#include|>>>)\b"
+    # Prompt injection: text that tells a model what to do, and chat-template role tags.
+    r"|\b(ignore|disregard|forget|override)\b.{0,40}\b(instructions?|prompts?|rules|directions)\b"
+    r"|\b(reply|respond|answer|say)\s+(only\s+)?with\s+(the\s+word|only)\b|\bsystem\s+prompt\b"
+    r"|<\|?/?\s*(im_start|im_end|system|user|assistant|endoftext|eot_id)\s*\|?>|\[/?inst\]|^\s*(system|assistant|user)\s*:",
     re.IGNORECASE,
 )
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|\(\d+\))\s*")

@@ -10,7 +10,7 @@ from embedforge.config import GenerateConfig
 from embedforge.corpus import split_of, unit_hash
 from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, sha256_text, write_jsonl
-from embedforge.generate.filters import normalize_query
+from embedforge.generate.filters import normalize_query, reject_reason
 
 def batch_request(key: str, model: str, messages: list, config: GenerateConfig) -> dict:
     """One line of an OpenAI Batch API input file (also read by `vllm run-batch`)."""
@@ -78,8 +78,9 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen: set, accepted: list[dict], stats) -> None:
-    """Add existing pairs with the same dedup as generated ones (no LLM filters: they are real).
+def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen: set, accepted: list[dict], rejects: list[dict], stats) -> None:
+    """Add existing pairs with the same dedup and, unless `filter_imports` is off, the same cheap
+    filters as generated ones (an export can hold junk too); every pair left out is in `rejects`.
 
     A query keeps all its pairs in one split, chosen by a hash of its text: real queries often have
     several positives, and splitting those by passage would put the same query in training and in
@@ -87,15 +88,24 @@ def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen:
     most `max_positives_per_query` pairs of a query are trained on (chosen by hash); the others
     are kept as known positives (`known_only`), so mining never takes them for negatives.
     """
-    known = {p["_id"] for p in passages}
+    text_of = {p["_id"]: p["text"] for p in passages}
     by_query: dict[str, list[tuple[str, str]]] = defaultdict(list)
+
+    def reject(text: str, passage_id: str, reason: str) -> None:
+        stats.rejected[reason] += 1
+        rejects.append({"passage_id": passage_id, "split": None, "text": text, "reason": reason, "request_sha": None, "imported": True})
+
     for text, passage_id in read_pairs(path):
-        if passage_id not in known:
-            stats.rejected["import_unknown_passage"] += 1
+        if passage_id not in text_of:
+            reject(text, passage_id, "import_unknown_passage")
+            continue
+        reason = reject_reason(text, text_of[passage_id], config) if config.filter_imports else None
+        if reason:
+            reject(text, passage_id, reason)
             continue
         key = normalize_query(text) + "\t" + passage_id
         if key in seen:
-            stats.rejected["duplicate"] += 1
+            reject(text, passage_id, "duplicate")
             continue
         seen.add(key)
         seen.add(normalize_query(text))  # generated queries must not repeat an imported one

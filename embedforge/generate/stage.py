@@ -17,9 +17,10 @@ Imported pairs (`queries`) join first, through the same splits and dedup.
 
 import asyncio
 import gc
+import logging
 import random
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,9 +33,14 @@ from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, iter_jsonl, sha256_json, write_jsonl
 from embedforge.generate.filters import normalize_query, parse_queries, reject_reason
 from embedforge.generate.sources import batch_request, import_batch_results, import_pairs, load_user_queries, write_eval_set
-from embedforge.llm import ChatModel, Completion
-from embedforge.prompts import Prompt, render_messages
+from embedforge.llm import ChatModel, Completion, RequestFailed
+from embedforge.prompts import Prompt, clip_passage, render_messages
 
+logger = logging.getLogger(__name__)
+# The endpoint is judged down, and the stage stops, when this many of the last FAILING_WINDOW
+# requests failed; isolated failures are recorded and their passages asked again later.
+FAILING_WINDOW = 20
+FAILING_SHARE = 0.8
 STAGE_VERSION = 3  # 2: imported pairs are split by query, not by passage; 3: imported ids from the pair, not its line
 
 
@@ -68,9 +74,15 @@ class Stats:
     cost_usd: float = 0.0
     cost_usd_reused: float = 0.0
     imported_answers: int = 0
+    failed_requests: int = 0
+    retries: Counter = field(default_factory=Counter)  # failed attempts that were retried (or ran out), by status
+    backoffs: int = 0
 
     def as_dict(self) -> dict:
         return {
+            "failed_requests": self.failed_requests,
+            "backoffs": self.backoffs,
+            "retries": dict(self.retries),
             "cost_usd": self.cost_usd,
             "cost_usd_reused": self.cost_usd_reused,
             "tokens": self.usage.get("prompt_tokens", 0) + self.usage.get("completion_tokens", 0),
@@ -110,7 +122,8 @@ def generate(
 async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger_path = out_dir / "requests.jsonl"
-    answered = {row["request_sha"]: row for row in iter_jsonl(ledger_path)} if ledger_path.exists() else {}
+    # Failed requests are in the ledger too, never as answers: they are asked again.
+    answered = {row["request_sha"]: row for row in iter_jsonl(ledger_path) if not row.get("failed")} if ledger_path.exists() else {}
     stats = Stats()
     delimiter = run_delimiter(seed, prompt.sha256)
 
@@ -138,28 +151,55 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
     if config.import_batch:
         stats.imported_answers = import_batch_results(config.import_batch, ledger_path, answered)
     if config.queries:
-        import_pairs(config.queries, passages, config, seen_queries, accepted, stats)
+        import_pairs(config.queries, passages, config, seen_queries, accepted, rejects, stats)
+        _warn_unknown_imports(rejects, config.queries)
+    recent: deque[bool] = deque(maxlen=FAILING_WINDOW)  # True for a failed request
+    failed_statuses: Counter = Counter()
 
-    async def ask(work: _Work, reask: int, ledger: JsonlAppender) -> tuple[str, Completion | None]:
-        messages = render_messages(prompt, work.passage["text"], work.passage.get("title", ""), per_passage, delimiter, user_queries)
+    def failed(work: _Work, key: str, reask: int, failure: RequestFailed, ledger: JsonlAppender) -> None:
+        ledger.append({"request_sha": key, "passage_id": work.passage["_id"], "sample_index": work.sample_index, "reask": reask, "failed": True,
+                       "reason": failure.reason, "statuses": failure.statuses, "error": failure.what})
+        stats.failed_requests += 1
+        stats.retries.update(failure.statuses)
+        stats.backoffs += failure.backoffs
+        failed_statuses.update(failure.statuses)
+        recent.append(True)
+        if len(recent) == FAILING_WINDOW and sum(recent) >= FAILING_SHARE * FAILING_WINDOW:
+            raise EndpointFailing(
+                f"The endpoint is failing: {sum(recent)} of the last {FAILING_WINDOW} requests failed (attempts by status: {_counts(failed_statuses)})",
+                where=failure.where,
+                fix=f"{failure.fix}. Rerun the same command to resume: the {stats.calls_made} answers received are kept and not paid again",
+            )
+
+    async def ask(work: _Work, reask: int, ledger: JsonlAppender) -> tuple[str, Completion | None, str | None]:
+        """(request key, the answer or None, why there is none: "failed", "context_length" or None)."""
+        text = clip_passage(work.passage["text"], config.max_passage_tokens)
+        messages = render_messages(prompt, text, work.passage.get("title", ""), per_passage, delimiter, user_queries)
         key = request_key(llm.identity, messages, config.temperature, config.max_tokens, work.sample_index, config.response_format, reask)
         if key in answered:
             stats.calls_reused += 1
             row = answered[key]
             stats.usage_reused.update(row.get("usage") or {})
-            return key, Completion(text=row["response"], finish_reason=row.get("finish_reason"), usage=row.get("usage", {}))
+            return key, Completion(text=row["response"], finish_reason=row.get("finish_reason"), usage=row.get("usage", {})), None
         if exported is not None:
             exported.append(batch_request(key, llm.identity["model"], messages, config))
-            return key, None
+            return key, None, None
         async with semaphore:
             # Checked once a slot is free, so calls that waited see what the others spent.
             if _budget_spent(budget, stats, config):
-                return key, None
+                return key, None, None
             budget["calls"] += 1
-            completion = await llm.complete(
-                messages, temperature=config.temperature, max_tokens=config.max_tokens, response_format=config.response_format, seed=int(key[:8], 16)
-            )
+            try:
+                completion = await llm.complete(
+                    messages, temperature=config.temperature, max_tokens=config.max_tokens, response_format=config.response_format, seed=int(key[:8], 16)
+                )
+            except RequestFailed as failure:
+                failed(work, key, reask, failure, ledger)
+                return key, None, failure.reason
+            recent.append(False)
             stats.usage.update(completion.usage)
+            stats.retries.update(completion.retried)
+            stats.backoffs += completion.backoffs
         row = {
             "request_sha": key,
             "passage_id": work.passage["_id"],
@@ -174,18 +214,18 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
         ledger.append(row)  # at once: a crash after this line never pays for this call again
         answered[key] = row
         stats.calls_made += 1
-        return key, completion
+        return key, completion, None
 
-    async def answer(work: _Work, ledger: JsonlAppender) -> tuple[_Work, str, Completion | None, list[str]]:
+    async def answer(work: _Work, ledger: JsonlAppender) -> tuple[_Work, str, Completion | None, list[str], str | None]:
         # A malformed answer is re-asked (a new cache key) a bounded number of times, then rejected.
         for reask in range(config.max_reasks + 1):
-            key, completion = await ask(work, reask, ledger)
+            key, completion, failure = await ask(work, reask, ledger)
             if completion is None:
-                return work, key, None, []
+                return work, key, None, [], failure
             queries = parse_queries(completion.text, per_passage)
             if queries:
                 break
-        return work, key, completion, queries
+        return work, key, completion, queries, None
 
     def reject(work: _Work, text: str, reason: str, key: str) -> None:
         stats.rejected[reason] += 1
@@ -204,10 +244,12 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         candidates = []  # (work, position, text, key) that passed the cheap filters
-        for work, key, completion, queries in sorted(results, key=lambda item: (item[0].passage["_id"], item[0].sample_index)):
+        for work, key, completion, queries, failure in sorted(results, key=lambda item: (item[0].passage["_id"], item[0].sample_index)):
             progress.update(1)
+            if failure == "context_length":
+                reject(work, "", "context_length_exceeded", key)  # this passage, not the stage
             if completion is None:
-                continue  # over budget, or exported for the batch API
+                continue  # failed (asked again in a later round or run), over budget, or exported for the batch API
             if not queries:
                 reject(work, completion.text or "", "empty_or_unparseable", key)
             truncated = completion.finish_reason == "length"
@@ -245,13 +287,24 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
                 }
             )
 
+    def write_decided() -> None:
+        # Also on a stop short of min_pairs: what was accepted and rejected, and why, is on disk.
+        write_jsonl(out_dir / "queries.jsonl", accepted)
+        write_jsonl(out_dir / "rejects.jsonl", rejects)
+
     chunk = max(64, config.concurrency * 4)
     with JsonlAppender(ledger_path) as ledger:
         if llm is not None:
             try:
                 await _run_loop(held_out, by_split["train"], chunk, process, launch, ledger, stats, budget, config, exported)
+            except EndpointFailing:
+                write_decided()
+                raise
             finally:
                 await llm.aclose()  # its connections belong to this event loop, which ends here
+    if stats.failed_requests or stats.retries:
+        logger.info("generate: %d failed requests; failed attempts by status: %s; concurrency lowered %d times for rate limits",
+                    stats.failed_requests, _counts(stats.retries) or "none", stats.backoffs)
 
     if exported is not None:
         count = write_jsonl(config.export_batch, exported)
@@ -261,20 +314,27 @@ async def _generate(passages, prompt, out_dir, config, llm, seed, round_trip) ->
             fix="submit it to the Batch API (or `vllm run-batch`), then rerun with --import-batch RESULTS.jsonl",
         )
     if stats.accepted["train"] < config.min_pairs:
+        write_decided()
+        if stats.failed_requests and not stats.calls_made and not stats.calls_reused:
+            raise EndpointFailing(
+                f"Every request failed ({stats.failed_requests} requests; attempts by status: {_counts(failed_statuses)})",
+                where=llm.identity["base_url"], fix="check --base-url and that the server answers chat completions, then rerun the same command",
+            )
         why = "the request budget (max_requests / max_cost) is spent" if _budget_spent(budget, stats, config) else (
             f"{config.max_rounds} rounds over {len(by_split['train'])} train passages are done" if llm is not None else "no LLM is configured (llm_model = none)"
         )
+        if stats.failed_requests:
+            why += f"; {stats.failed_requests} requests failed (asked again on a rerun)"
         raise EmbedforgeError(
             f"Only {stats.accepted['train']} training pairs passed the filters, fewer than min_pairs={config.min_pairs}: {why}. "
-            f"Rejected so far: {dict(stats.rejected)}",
+            f"Rejected so far, by reason: {_counts(stats.rejected) or 'none'} (each in {out_dir / 'rejects.jsonl'})",
             where=str(ledger_path),
-            fix="raise --max-rounds or --queries-per-passage, add passages, loosen --round-trip-k, or lower --min-pairs; answers already received are kept and reused",
+            fix=_shortfall_fix(stats, llm is not None),
         )
 
     stats.cost_usd = cost_of(stats.usage, config)
     stats.cost_usd_reused = cost_of(stats.usage_reused, config)
-    write_jsonl(out_dir / "queries.jsonl", accepted)
-    write_jsonl(out_dir / "rejects.jsonl", rejects)
+    write_decided()
     shutil.copyfile(prompt.path, out_dir / ".prompt.tmp")
     (out_dir / ".prompt.tmp").replace(out_dir / f"prompt{prompt.path.suffix}")
     write_eval_set(out_dir / "eval", accepted)
@@ -329,6 +389,33 @@ async def _run_loop(held_out, train_passages, chunk, process, launch, ledger, st
 
 class BatchExported(EmbedforgeError):
     """Not a failure: the pending requests were written for the batch API instead of being made."""
+
+
+class EndpointFailing(EmbedforgeError):
+    """Most recent requests failed: the endpoint is down or refusing, not one request unlucky."""
+
+
+def _counts(counter: Counter | dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counter.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _shortfall_fix(stats: Stats, has_llm: bool) -> str:
+    """The fix for a stop short of min_pairs, by what threw the most queries away."""
+    top = max(stats.rejected, key=stats.rejected.get) if stats.rejected else None
+    if top == "truncated":
+        return "raise --max-tokens: most answers were cut off before they ended; answers already received are kept and reused"
+    if top == "import_unknown_passage":
+        return "the imported pairs name passage ids that are not in the corpus: check their passage_id values against the corpus ids (--id-field)"
+    if not has_llm:
+        return "import more pairs with --queries, or configure an LLM (--base-url/--llm-model) to generate the rest, or lower --min-pairs"
+    return "raise --max-rounds or --queries-per-passage, add passages, loosen --round-trip-k, or lower --min-pairs; answers already received are kept and reused"
+
+
+def _warn_unknown_imports(rejects: list[dict], path: Path) -> None:
+    unknown = [row["passage_id"] for row in rejects if row["reason"] == "import_unknown_passage"]
+    if unknown:
+        logger.warning("%d imported pairs of %s name passages that are not in the corpus (e.g. %s): rejected, see generate/rejects.jsonl",
+                       len(unknown), path, ", ".join(sorted(set(unknown))[:3]))
 
 
 def cost_of(usage: Counter | dict, config: GenerateConfig) -> float:
