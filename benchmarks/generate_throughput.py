@@ -5,6 +5,8 @@ filters), against a local fake OpenAI-compatible server (its own process, asynci
 call 100 ms after it arrives (it prints the mean it achieved).
 Prints achieved calls/s, the ideal (concurrency / latency), and a sequential client's calls/s on
 the same endpoint (one call at a time, as LlamaIndex's generate_qa_embedding_pairs does).
+Default size: 2,000 passages, concurrency 64, 100 ms a call, 40 sequential calls.
+Ends with `RESULT ratio_to_ideal=<achieved / ideal calls per s> speedup_vs_sequential=...`; goal: ratio_to_ideal >= 0.85.
 """
 
 from __future__ import annotations

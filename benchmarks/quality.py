@@ -14,6 +14,9 @@ qrels/train.tsv and the query ids it names. Anything after `--` goes to `embedfo
 unchanged, e.g. `-- --num-negatives 1 --epochs 2`.
 
     python benchmarks/quality.py ../shared/data/nfcorpus --queries-from human
+
+Default size: the whole dataset (nfcorpus: 3,633 passages, 323 test queries), the pipeline's defaults.
+Ends with `RESULT base_ndcg10=... tuned_ndcg10=... delta=... ` with the CI of the difference.
 """
 
 from __future__ import annotations
