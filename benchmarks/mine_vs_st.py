@@ -40,7 +40,7 @@ def peak_gb() -> float:
 
 
 def load_pairs(data: Path, limit: int | None):
-    from embedforge.evaluate import read_qrels
+    from embedforge.corpus import read_qrels
     from embedforge.files import iter_jsonl
 
     corpus = [{"_id": str(r["_id"]), "title": r.get("title") or "", "text": r.get("text") or ""} for r in iter_jsonl(data / "corpus.jsonl")]

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from embedforge.evaluate import read_qrels
+from embedforge.corpus import read_qrels
 from embedforge.files import iter_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ PEAK_STEPS = 3
 def pairs_from(dataset: Path, count: int) -> list[dict]:
     """`count` distinct (query, passage) pairs, the first positives of each query in turn, so batches mix queries."""
     from embedforge.embeddings import passage_text
-    from embedforge.evaluate import read_qrels
+    from embedforge.corpus import read_qrels
     from embedforge.files import iter_jsonl
 
     qrels = read_qrels(dataset / "qrels" / "train.tsv")

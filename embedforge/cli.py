@@ -22,7 +22,6 @@ from embedforge.errors import EmbedforgeError
 # rich_markup_mode=None: plain click help wraps long descriptions instead of cutting them with "…".
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Turn raw domain passages into a fine-tuned embedding model, and proof that it is better.")
-STAGE_NAMES = ("generate", "mine", "train", "evaluate")
 _VERBOSE = {"traceback": False}
 
 
@@ -97,10 +96,10 @@ def _pipeline(overrides: dict, config_file: Optional[Path], **options) -> None:
     _setup_logging()
     config = load_config(config_file, overrides)
     pipeline = runs.run(config, llm_factory=_llm_factory, **options)
-    report = pipeline.dir / "evaluate" / "report.md"
+    report = pipeline.path(runs.REPORT)
     if not options.get("dry_run") and report.exists() and "evaluate" in runs.select_stages(options.get("from_stage"), options.get("to_stage")):
         typer.echo("\n" + report.read_text(encoding="utf-8"))
-        typer.echo(f"Fine-tuned model: {(pipeline.dir / 'train' / 'model').resolve()}")
+        typer.echo(f"Fine-tuned model: {pipeline.path(runs.MODEL).resolve()}")
 
 
 ConfigFile = typer.Option(None, "--config", help="embedforge.toml; flags override it")
@@ -114,31 +113,27 @@ def run(overrides: dict, config_file: Optional[Path] = ConfigFile, force: Option
         to_stage: Optional[str] = typer.Option(None, "--to", help="stop after this stage"),
         dry_run: bool = typer.Option(False, "--dry-run", help="say what would run, and why, without running it")) -> None:
     """Run generate -> mine -> train -> evaluate in a run directory, redoing only what changed."""
+    from embedforge.runs import STAGES  # the stage table; imported here so --help stays instant
+
     for stage in [*(force or []), from_stage, to_stage]:
-        if stage is not None and stage not in STAGE_NAMES:
-            raise EmbedforgeError(f"Unknown stage {stage!r}", where="--force/--from/--to", fix=f"use one of {', '.join(STAGE_NAMES)}")
+        if stage is not None and stage not in STAGES:
+            raise EmbedforgeError(f"Unknown stage {stage!r}", where="--force/--from/--to", fix=f"use one of {', '.join(STAGES)}")
     _pipeline(overrides, config_file, force=tuple(force or ()), from_stage=from_stage, to_stage=to_stage, dry_run=dry_run)
 
 
-@app.command()
-@with_config_flags
-def generate(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
-    """Stage 1: write queries for the corpus with an LLM (and anything before it that is out of date)."""
-    _pipeline(overrides, config_file, to_stage="generate")
+def _stage_command(stage: str, help_text: str) -> None:
+    """`embedforge STAGE`: bring that stage up to date (and what comes before it)."""
+
+    def command(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
+        _pipeline(overrides, config_file, to_stage=stage)
+
+    command.__name__, command.__doc__ = stage, help_text
+    app.command(name=stage)(with_config_flags(command))
 
 
-@app.command()
-@with_config_flags
-def mine(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
-    """Stage 2: mine hard negatives (runs earlier stages first if they are out of date)."""
-    _pipeline(overrides, config_file, to_stage="mine")
-
-
-@app.command()
-@with_config_flags
-def train(overrides: dict, config_file: Optional[Path] = ConfigFile) -> None:
-    """Stage 3: fine-tune the base model; resumes from the last checkpoint after a kill."""
-    _pipeline(overrides, config_file, to_stage="train")
+_stage_command("generate", "Stage 1: write queries for the corpus with an LLM (and anything before it that is out of date).")
+_stage_command("mine", "Stage 2: mine hard negatives (runs earlier stages first if they are out of date).")
+_stage_command("train", "Stage 3: fine-tune the base model; resumes from the last complete checkpoint after a kill.")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Read a corpus in any supported layout and normalize it to BEIR passages.
 
-Reads:  a BEIR folder (corpus.jsonl), a JSONL or CSV file with configurable fields, a folder of
+Reads:  a BEIR folder (corpus.jsonl; its qrels with `read_qrels`), a JSONL or CSV file with configurable fields, a folder of
         .txt/.md files, or, when no corpus is given, the docstrings of the Python standard
         library installed on this machine (parsed with `ast`, never imported).
 Writes: nothing itself; the run writes the result to `runs/<name>/corpus.jsonl`.
@@ -163,3 +163,19 @@ def _docstrings(tree: ast.Module, module: str):
                 yield name, docstring
             if isinstance(node, ast.ClassDef):
                 stack.extend((child, name) for child in node.body)
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as error:
+        raise EmbedforgeError("Qrels file not found", where=str(path), fix="an eval set needs qrels/test.tsv (query-id, corpus-id, score)") from error
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("\t")
+        if not line.strip() or (number == 1 and not fields[-1].strip().lstrip("-").isdigit()):
+            continue  # blank lines and the header
+        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
+            raise EmbedforgeError("Qrels lines need three tab-separated fields: query-id, corpus-id, integer score", where=f"{path}, line {number}", fix="fix that line")
+        qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
+    return qrels

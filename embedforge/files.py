@@ -188,6 +188,11 @@ class JsonlAppender:
         self.close()
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed): only rank 0 writes."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_writable_folder(path: Path, flag: str) -> None:
     """Fail at once, naming the flag, when `path` cannot hold our files: it names a file, or the
     folder cannot be made or written (read-only, no permission). A probe file is written and

@@ -269,7 +269,7 @@ class OpenAIChatModel:
             modes = _FORMATS[_FORMATS.index(self._accepted_format) :]
         for mode in modes:
             try:
-                completion = await self._complete(_with_format(messages, mode), temperature, max_tokens, mode)
+                completion = await self._complete(_with_format(messages, mode), temperature, max_tokens, mode, seed)
             except EmbedforgeError as error:
                 cause = error.__cause__
                 rejected_format = isinstance(cause, openai.BadRequestError) and any(word in str(cause).lower() for word in ("response_format", "json_schema", "json_object", "json mode"))
@@ -280,7 +280,7 @@ class OpenAIChatModel:
             return completion
         raise AssertionError("unreachable")
 
-    async def _complete(self, messages: Messages, temperature: float, max_tokens: int, mode: str) -> Completion:
+    async def _complete(self, messages: Messages, temperature: float, max_tokens: int, mode: str, seed: int | None = None) -> Completion:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception
 
@@ -307,7 +307,9 @@ class OpenAIChatModel:
                         # ChatCompletion models; each costs about a millisecond of CPU per call.
                         response = await client.post(
                             "/chat/completions",
-                            body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra},
+                            # The seed (derived from the request key) makes an endpoint that honours it answer a rerun alike.
+                            body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra,
+                                  **({"seed": seed} if seed is not None else {})},
                             cast_to=object,
                         )
                         if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
@@ -401,7 +403,7 @@ class LocalChatModel:
         self.device = device
         self._model = None
         self._tokenizer = None
-        self._pending: list[tuple[Messages, float, int, asyncio.Future]] = []
+        self._pending: list[tuple[Messages, float, int, int | None, asyncio.Future]] = []  # messages, temperature, max_tokens, seed, caller
         self._worker: asyncio.Task | None = None
 
     def _load(self) -> None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from embedforge.config import MineConfig
 from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
-from embedforge.generate import normalize_query
+from embedforge.text import normalize_text
 
 STAGE_VERSION = 3  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives
 RULES = ("positive", "known_positive", "duplicate_text", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
@@ -132,14 +132,14 @@ def mine(
     position = {identifier: i for i, identifier in enumerate(embeddings.ids)}
     passages_by_id = {p["_id"]: p for p in passages}
     groups: dict[str, int] = {}
-    text_group = np.array([groups.setdefault(normalize_query(passages_by_id[i]["text"]), len(groups)) for i in embeddings.ids], dtype=np.int64)
+    text_group = np.array([groups.setdefault(normalize_text(passages_by_id[i]["text"]), len(groups)) for i in embeddings.ids], dtype=np.int64)
     in_test = np.array([i in test_ids for i in embeddings.ids], dtype=bool)
     positives_of_text: dict[str, set[str]] = defaultdict(set)
     for query in queries:
-        positives_of_text[normalize_query(query["text"])].add(query["passage_id"])
+        positives_of_text[normalize_text(query["text"])].add(query["passage_id"])
     known_positions = {text: np.array(sorted(position[p] for p in ids), dtype=np.int64) for text, ids in positives_of_text.items()}
     queries = [query for query in queries if not query.get("known_only")]
-    normalized = [normalize_query(query["text"]) for query in queries]
+    normalized = [normalize_text(query["text"]) for query in queries]
 
     # Rows that share a query text (one per positive) share one search. Known positives are
     # removed from the candidates, so search past the window by their number.

@@ -28,6 +28,7 @@ import numpy as np
 from embedforge.embeddings import IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text, resolve_model
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, iter_jsonl, read_json, sha256_text, write_json
+from embedforge.text import format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,6 @@ class Hit:
     text: str
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def parse_devices(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
@@ -127,24 +120,6 @@ def resolve_index_kind(kind: str, count: int) -> str:
     if count <= EXACT_MAX:
         return "flat"
     return "ivf" if count <= IVF_MAX else "ivfpq"
-
-
-def build_ivfpq(vectors: np.ndarray):
-    """IVF with product-quantized residuals: 8-dimensional sub-vectors, 8-bit codes where the data allows."""
-    import faiss
-
-    count, dimension = vectors.shape
-    nlist = max(1, min(int(4 * np.sqrt(count)), count // 39))
-    subquantizers = max(divisor for divisor in range(1, max(1, dimension // 8) + 1) if dimension % divisor == 0)
-    # Each sub-quantizer trains 2**bits centroids; FAISS wants about 39 points per centroid.
-    bits = int(max(1, min(8, np.log2(max(2, count // 39)))))
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dimension), dimension, nlist, subquantizers, bits, faiss.METRIC_INNER_PRODUCT)
-    sample_size = min(count, max(nlist * 64, 2**bits * 64))
-    sample = vectors[np.sort(np.random.default_rng(0).choice(count, size=sample_size, replace=False))]
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    for start in range(0, count, 100_000):
-        index.add(np.ascontiguousarray(vectors[start : start + 100_000], dtype=np.float32))
-    return index
 
 
 # --- the index folder ------------------------------------------------------------------------
@@ -355,7 +330,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
         stats.seconds = time.perf_counter() - started
         return stats
     vectors = _gather(out_dir, list(entries.values()))
-    index = build_ivfpq(vectors) if kind == "ivfpq" else build_index(vectors, IndexSpec(kind=kind, nprobe=settings.nprobe))
+    index = build_index(vectors, IndexSpec(kind=kind, nprobe=settings.nprobe))
     generation = previous.get("generation", 0) + 1
     index_file, ids_file = f"index-{generation:06d}.faiss", f"index-{generation:06d}.ids.json"
     with atomic_write(out_dir / index_file, "wb") as handle:

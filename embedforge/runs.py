@@ -13,7 +13,6 @@ Keeps:  per stage, a manifest entry with its fingerprint (sha256 over stage, sta
 from __future__ import annotations
 
 import functools
-import os
 import importlib.metadata
 import logging
 import platform
@@ -28,26 +27,22 @@ from embedforge import generate as generate_stage
 from embedforge import mine as mine_stage
 from embedforge import train as train_stage
 from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
-from embedforge.corpus import load_corpus, split_of
+from embedforge.corpus import load_corpus, read_qrels, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
-from embedforge.files import (FolderLock, check_writable_folder, iter_jsonl, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl,
+from embedforge.files import (FolderLock, check_writable_folder, iter_jsonl, process_rank, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl,
                               write_text)
 
-STAGES = ("generate", "mine", "train", "evaluate")
-STAGE_VERSIONS = {
-    "generate": generate_stage.STAGE_VERSION,
-    "mine": mine_stage.STAGE_VERSION,
-    "train": train_stage.STAGE_VERSION,
-    "evaluate": evaluate_stage.STAGE_VERSION,
-}
+# Every file of the run directory that a stage reads or writes, named once.
+CORPUS = "corpus.jsonl"
+QUERIES, REJECTS = "generate/queries.jsonl", "generate/rejects.jsonl"
+EVAL_DIR = "generate/eval"
+EVAL_QUERIES, DEV_QRELS, TEST_QRELS = f"{EVAL_DIR}/queries.jsonl", f"{EVAL_DIR}/qrels/dev.tsv", f"{EVAL_DIR}/qrels/test.tsv"
+TRAIN_ROWS, MINE_STATS = "mine/train.jsonl", "mine/stats.json"
+MODEL, CHECKPOINTS = "train/model", "train/checkpoints"
+RESULTS, REPORT, CHART = "evaluate/results.json", "evaluate/report.md", "evaluate/report.png"
 TRACKED_PACKAGES = ("embedforge", "torch", "sentence-transformers", "transformers", "openai", "faiss-cpu", "datasets")
 logger = logging.getLogger(__name__)
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun (0 when not distributed): only rank 0 writes."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def versions() -> dict[str, str]:
@@ -103,7 +98,7 @@ class Run:
 
     @functools.cached_property
     def passages(self) -> list[dict]:
-        return list(iter_jsonl(self.dir / "corpus.jsonl"))
+        return list(iter_jsonl(self.path(CORPUS)))
 
     @functools.cached_property
     def base_identity(self) -> str:
@@ -184,7 +179,7 @@ class Run:
         if process_rank() != 0:
             return False  # rank 0 normalizes the corpus; the others read what it wrote
         passages = load_corpus(self.config.corpus)
-        corpus_path = self.dir / "corpus.jsonl"
+        corpus_path = self.path(CORPUS)
         changed = not corpus_path.exists() or sha256_json(list(iter_jsonl(corpus_path))) != sha256_json(passages)
         self.__dict__["passages"] = passages
         if dry_run:
@@ -198,36 +193,22 @@ class Run:
 
     # --- plans -----------------------------------------------------------------------------
 
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
     def plan(self, stage: str) -> StagePlan:
-        config = self.config
+        """The stage's fingerprint, from its row of the stage table: inputs by content, settings minus runtime-only fields."""
+        config, row = self.config, STAGE_TABLE[stage]
         shared = {"seed": config.seed, "base_model": self.base_identity, "index": [config.index, config.exact_max, config.nprobe]}
         if encoder_prompts(config):  # absent when unset, so runs made before prompts existed stay up to date
             shared["encoder_prompts"] = encoder_prompts(config)
-        eval_files = ["generate/eval/queries.jsonl", "generate/eval/qrels/dev.tsv", "generate/eval/qrels/test.tsv"]
-        if stage == "generate":
-            # Files are inputs: their contents count, not where they are.
-            files = [self.dir / "corpus.jsonl", config.generate.prompt] + [path for path in (config.generate.examples, config.generate.queries) if path]
-            settings = {key: value for key, value in fingerprint_fields(config.generate).items() if key not in ("prompt", "examples", "queries")}
-            if settings.get("base_url"):
-                settings["base_url"] = strip_credentials(settings["base_url"])  # never a secret in the manifest
-            plan = StagePlan(stage, self.hash_inputs(files), {**settings, **shared},
-                             ["generate/queries.jsonl", "generate/rejects.jsonl", *eval_files])
-        elif stage == "mine":
-            plan = StagePlan(stage, self.hash_inputs([self.dir / "corpus.jsonl", self.dir / "generate/queries.jsonl"]),
-                             {**fingerprint_fields(config.mine), **shared}, ["mine/train.jsonl", "mine/stats.json"])
-        elif stage == "train":
-            inputs = [self.dir / "corpus.jsonl", self.dir / "mine/train.jsonl", self.dir / eval_files[0], self.dir / eval_files[1]]
-            plan = StagePlan(stage, self.hash_inputs(inputs), {**fingerprint_fields(config.train), **shared}, ["train/model"])
-        elif stage == "evaluate":
-            inputs = [self.dir / "corpus.jsonl", self.dir / eval_files[0], self.dir / eval_files[2], self.dir / "train/model", self.dir / "mine/train.jsonl"]
-            hashes = self.hash_inputs(inputs)
-            for folder in config.evaluate.eval_set:
-                hashes.update(evaluate_stage.eval_set_files(folder))
-            settings = {key: value for key, value in fingerprint_fields(config.evaluate).items() if key != "eval_set"}
-            plan = StagePlan(stage, hashes, {**settings, **shared}, ["evaluate/results.json", "evaluate/report.md", "evaluate/report.png"])
-        else:
-            raise ValueError(stage)
-        plan.fingerprint = sha256_json({"stage": stage, "version": STAGE_VERSIONS[stage], "config": plan.config, "inputs": plan.inputs})
+        section = getattr(config, row.section)
+        # Files are inputs: their contents count, not where they are.
+        settings = {key: value for key, value in fingerprint_fields(section).items() if key not in row.file_fields}
+        if settings.get("base_url"):
+            settings["base_url"] = strip_credentials(settings["base_url"])  # never a secret in the manifest
+        plan = StagePlan(stage, row.inputs(self), {**settings, **shared}, list(row.outputs))
+        plan.fingerprint = sha256_json({"stage": stage, "version": row.version, "config": plan.config, "inputs": plan.inputs})
         return plan
 
     def why_run(self, plan: StagePlan, forced: bool) -> str:
@@ -254,8 +235,7 @@ class Run:
     # --- execution -------------------------------------------------------------------------
 
     def execute(self, plan: StagePlan) -> dict:
-        runner = getattr(self, f"_run_{plan.name}")
-        return runner(plan)
+        return STAGE_TABLE[plan.name].run(self, plan)
 
     def _run_generate(self, plan: StagePlan) -> dict:
         from embedforge.prompts import load_prompt
@@ -271,10 +251,10 @@ class Run:
             ids = self.base_embeddings.ids
             return [next((rank for rank, i in enumerate(row) if i >= 0 and ids[i] == passage), config.round_trip_k) for row, passage in zip(indices, passage_ids)]
 
-        return generate_stage.generate(self.passages, prompt, self.dir / "generate", config, llm, self.config.seed, round_trip)
+        return generate_stage.generate(self.passages, prompt, self.path(plan.name), config, llm, self.config.seed, round_trip)
 
     def _run_mine(self, plan: StagePlan) -> dict:
-        queries = [q for q in iter_jsonl(self.dir / "generate/queries.jsonl") if q["split"] == "train"]
+        queries = [q for q in iter_jsonl(self.path(QUERIES)) if q["split"] == "train"]
         generate_config = self.config.generate
         test_ids = {p["_id"] for p in self.passages if split_of(p["_id"], generate_config.dev_fraction, generate_config.test_fraction) == "test"}
         # Real queries often repeat with several positives: each text is encoded once.
@@ -283,15 +263,15 @@ class Run:
         row_of = {text: row for row, text in enumerate(texts)}
         vectors = self.encode_queries(texts)[[row_of[text] for text in trained]]
         cross_encoder = self.cross_encoder if self.config.mine.cross_encoder else None
-        return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.dir / "mine", self.config.mine, test_ids, self.config.seed, cross_encoder)
+        return mine_stage.mine(self.passages, queries, self.base_embeddings, vectors, self.path(plan.name), self.config.mine, test_ids, self.config.seed, cross_encoder)
 
-    def _held_out(self, split: str) -> tuple[dict[str, str], dict[str, set[str]]]:
-        qrels = evaluate_stage.read_qrels(self.dir / f"generate/eval/qrels/{split}.tsv")
-        queries = {row["_id"]: row["text"] for row in iter_jsonl(self.dir / "generate/eval/queries.jsonl") if row["_id"] in qrels}
+    def _held_out(self, qrels_file: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+        qrels = read_qrels(self.path(qrels_file))
+        queries = {row["_id"]: row["text"] for row in iter_jsonl(self.path(EVAL_QUERIES)) if row["_id"] in qrels}
         return queries, {query: set(docs) for query, docs in qrels.items() if query in queries}
 
     def _run_train(self, plan: StagePlan) -> dict:
-        checkpoints = self.dir / "train/checkpoints"
+        checkpoints = self.path(CHECKPOINTS)
         marker = checkpoints / "fingerprint.txt"
         # Checkpoints of other settings or data must not be resumed; those of this fingerprint may.
         # Resume only an interrupted training of exactly these inputs and settings; a finished one
@@ -304,27 +284,27 @@ class Run:
                 shutil.rmtree(checkpoints)
             checkpoints.mkdir(parents=True, exist_ok=True)
             marker.write_text(plan.fingerprint)
-        dev_queries, dev_qrels = self._held_out("dev")
-        notes = {"corpus sha256": plan.inputs.get("corpus.jsonl"), "prompt sha256": sha256_file(self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
-        rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))
-        return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.dir / "train", self.config.train, self.config.seed, self.config.encode_batch_size, notes,
+        dev_queries, dev_qrels = self._held_out(DEV_QRELS)
+        notes = {"corpus sha256": plan.inputs.get(CORPUS), "prompt sha256": sha256_file(self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
+        rows = list(iter_jsonl(self.path(TRAIN_ROWS)))
+        return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.path(plan.name), self.config.train, self.config.seed, self.config.encode_batch_size, notes,
                                  prompts=encoder_prompts(self.config))
 
     def _run_evaluate(self, plan: StagePlan) -> dict:
         synthetic = evaluate_stage.load_beir(
-            self.dir / "generate/eval", "test", passages=self.passages, name="synthetic-test",
+            self.path(EVAL_DIR), "test", passages=self.passages, name="synthetic-test",
             source="LLM-written queries for held-out test passages of this corpus",
         )
         eval_sets = [synthetic] + [evaluate_stage.load_beir(folder) for folder in self.config.evaluate.eval_set]
-        models = [("base", self.config.base_model), ("fine-tuned", str((self.dir / "train/model").resolve()))]
+        models = [("base", self.config.base_model), ("fine-tuned", str(self.path(MODEL).resolve()))]
         notes = ["synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set."]
         train_entry = self.manifest["stages"].get("train", {})
         guard = dev_guard_note(train_entry.get("stats", {}).get("improved_on_dev"), labelled_sets=len(self.config.evaluate.eval_set))
         if guard:
             notes.append(guard)
-        train_rows = list(iter_jsonl(self.dir / "mine/train.jsonl"))  # for the contamination check
+        train_rows = list(iter_jsonl(self.path(TRAIN_ROWS)))  # for the contamination check
         return evaluate_stage.evaluate(
-            eval_sets, models, self.dir / "evaluate", self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
+            eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
         )
 
@@ -333,6 +313,47 @@ class Run:
             return
         self.manifest["stages"][plan.name] = entry
         write_json(self.manifest_path, self.manifest)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table, in the spirit of a weasel project.yml command: what the stage
+    reads (its inputs, hashed by content), what it writes, the config section it is configured by
+    (minus runtime-only fields, and minus the file-valued fields, which count by content among the
+    inputs), and the function that runs it. Adding a stage means a row and a function."""
+
+    name: str
+    version: int
+    section: str
+    inputs: Callable[[Run], dict[str, str]]
+    outputs: tuple[str, ...]
+    run: Callable[[Run, StagePlan], dict]
+    file_fields: tuple[str, ...] = ()
+
+
+def _generate_inputs(run: Run) -> dict[str, str]:
+    config = run.config.generate
+    return run.hash_inputs([run.path(CORPUS), config.prompt] + [path for path in (config.examples, config.queries) if path])
+
+
+def _evaluate_inputs(run: Run) -> dict[str, str]:
+    hashes = run.hash_inputs([run.path(name) for name in (CORPUS, EVAL_QUERIES, TEST_QRELS, MODEL, TRAIN_ROWS)])
+    for folder in run.config.evaluate.eval_set:
+        hashes.update(evaluate_stage.eval_set_files(folder))
+    return hashes
+
+
+STAGE_TABLE = {stage.name: stage for stage in (
+    Stage("generate", generate_stage.STAGE_VERSION, "generate", _generate_inputs, (QUERIES, REJECTS, EVAL_QUERIES, DEV_QRELS, TEST_QRELS),
+          Run._run_generate, file_fields=("prompt", "examples", "queries")),
+    Stage("mine", mine_stage.STAGE_VERSION, "mine", lambda run: run.hash_inputs([run.path(CORPUS), run.path(QUERIES)]), (TRAIN_ROWS, MINE_STATS),
+          Run._run_mine),
+    Stage("train", train_stage.STAGE_VERSION, "train", lambda run: run.hash_inputs([run.path(name) for name in (CORPUS, TRAIN_ROWS, EVAL_QUERIES, DEV_QRELS)]),
+          (MODEL,), Run._run_train),
+    Stage("evaluate", evaluate_stage.STAGE_VERSION, "evaluate", _evaluate_inputs, (RESULTS, REPORT, CHART), Run._run_evaluate, file_fields=("eval_set",)),
+)}
+STAGES = tuple(STAGE_TABLE)
+STAGE_VERSIONS = {name: stage.version for name, stage in STAGE_TABLE.items()}
 
 
 def llm_note(generate) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from embedforge.config import TrainConfig
 from embedforge.embeddings import load_model, passage_text
 from embedforge.errors import EmbedforgeError
+from embedforge.files import process_rank
 
 STAGE_VERSION = 1
 DEV_METRIC = "dev_cosine_ndcg@10"
@@ -244,7 +245,7 @@ def train(
         "improved_on_dev": improved,
     }
     model.max_seq_length = inference_length
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only rank 0 writes the model
+    if process_rank() == 0:  # under torchrun, only rank 0 writes the model
         save_model(model, out_dir / "model", base_model, config, stats, model_card_notes or {})
         if not config.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)  # with optimizer state: a finished 34-pair run kept 520 MB

@@ -8,7 +8,6 @@ half-written file is left, and where it matters the next run succeeds.
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_passages, passage_responder, write_corpus
+from fake_llm import FakeChatModel
 from fake_openai import Fault
 
 ENV = {**os.environ, "EMBEDFORGE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -148,18 +148,6 @@ def test_model_card_names_the_llm_without_secrets_and_imports_as_imports():
 # --- 2. checkpoints never wedge training -----------------------------------------------------
 
 
-class _Answers:
-    identity = {"model": "answers", "base_url": "memory"}
-
-    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
-        from embedforge.llm import Completion
-
-        return Completion(text=passage_responder({"messages": messages}), finish_reason="stop")
-
-    async def aclose(self):
-        pass
-
-
 def _config(tmp_path, tiny_model, corpus, **changes):
     from embedforge.config import load_config
 
@@ -173,7 +161,7 @@ def _run(config, **options):
     from embedforge import runs
 
     lines = []
-    runs.run(config, llm_factory=lambda c, s: _Answers(), echo=lines.append, **options)
+    runs.run(config, llm_factory=lambda c, s: FakeChatModel(lambda messages, call: passage_responder({"messages": messages})), echo=lines.append, **options)
     return lines
 
 

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from conftest import make_passages, passage_responder
+from fake_llm import FakeChatModel, from_passage, passage_of
 from embedforge.config import DEFAULT_PROMPT, GenerateConfig
 from embedforge.errors import EmbedforgeError
 from embedforge.files import read_jsonl
 from embedforge.generate import generate, parse_queries, reject_reason
-from embedforge.llm import Completion
 from embedforge.prompts import load_prompt
 
 
@@ -47,25 +47,12 @@ def test_truncated_answer_is_rejected():
     assert reject_reason("where do foxes", PASSAGE, CONFIG, truncated=True) == "truncated"
 
 
-class ScriptedLLM:
-    """An in-process chat model: answers from the passage, counts calls."""
-
-    identity = {"model": "scripted", "base_url": "memory"}
+class ScriptedLLM(FakeChatModel):
+    """The shared fake chat model, answering from the passage text: `answer(passage, call)`."""
 
     def __init__(self, answer=None):
-        self.calls = 0
-        self.closed = 0
-        self.answer = answer or (lambda passage, call: f"what about {passage.split()[1]} {passage.split()[4]} history")
-
-    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
-        self.calls += 1
-        content = messages[-1]["content"].splitlines()
-        passage = "\n".join(line for line in content if not line.startswith("####") and line != "Passage:")
-        await asyncio.sleep(0)
-        return Completion(text=self.answer(passage, self.calls), finish_reason="stop", usage={"prompt_tokens": 10, "completion_tokens": 5})
-
-    async def aclose(self):
-        self.closed += 1
+        answer = answer or from_passage
+        super().__init__(lambda messages, call: answer(passage_of(messages), call), name="scripted")
 
 
 def _config(**changes):
@@ -247,7 +234,7 @@ def test_each_round_samples_with_a_new_seed(tmp_path):
 
 def test_an_imported_query_stays_in_one_split_and_trains_on_at_most_the_capped_positives(tmp_path):
     from embedforge.corpus import split_of
-    from embedforge.generate.filters import normalize_query
+    from embedforge.text import normalize_text as normalize_query
 
     passages = make_passages()
     # 12 real queries with 3 positives each: the shape of BEIR train qrels.

@@ -8,25 +8,20 @@ from conftest import make_passages, passage_responder, write_corpus
 from embedforge import runs
 from embedforge.config import DEFAULT_PROMPT, load_config
 from embedforge.errors import EmbedforgeError
-from embedforge.llm import Completion
+from fake_llm import FakeChatModel
 
 
-class CountingLLM:
-    identity = {"model": "counting", "base_url": "memory"}
-    calls = 0
+def _prompt_sensitive(messages, call):
+    # Like a real model, the answer depends on the prompt: an edited prompt gives other queries.
+    suffix = " care" if "please" in messages[0]["content"] else ""
+    return passage_responder({"messages": messages}) + suffix
 
-    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
-        CountingLLM.calls += 1
-        # Like a real model, the answer depends on the prompt: an edited prompt gives other queries.
-        suffix = " care" if "please" in messages[0]["content"] else ""
-        return Completion(text=passage_responder({"messages": messages}) + suffix, finish_reason="stop")
 
-    async def aclose(self):
-        pass
+COUNTING = FakeChatModel(_prompt_sensitive, name="counting")
 
 
 def factory(config, seed):
-    return CountingLLM()
+    return COUNTING
 
 
 @pytest.fixture
@@ -44,6 +39,14 @@ def run_config(tmp_path, tiny_model):
     return make
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def ran(config, **options):
     lines = []
     runs.run(config, llm_factory=factory, echo=lines.append, **options)
@@ -55,21 +58,21 @@ def test_rerun_matrix(run_config, monkeypatch):
     assert ran(run_config()) == ["generate", "mine", "train", "evaluate"]
     assert runs.status(run_config()) == {stage: "up to date" for stage in runs.STAGES}
 
-    CountingLLM.calls = 0
+    COUNTING.calls = 0
     encodes = []
     import embedforge.embeddings as embeddings
 
     original = embeddings.encode_texts
     monkeypatch.setattr(embeddings, "encode_texts", lambda *a, **k: encodes.append(k.get("kind", a[3] if len(a) > 3 else None)) or original(*a, **k))
     assert ran(run_config()) == []
-    assert CountingLLM.calls == 0 and encodes == []
+    assert COUNTING.calls == 0 and encodes == []
 
     assert ran(run_config(concurrency=3, encode_batch_size=7)) == []
 
     # epochs: train and evaluate; the base model's results on the unchanged eval set come from the cache.
     assert runs.status(run_config(epochs=2))["train"].startswith("stale (changed: setting epochs")
     assert ran(run_config(epochs=2)) == ["train", "evaluate"]
-    assert CountingLLM.calls == 0
+    assert COUNTING.calls == 0
     # A changed model is evaluated again; the base model's results come from the cache.
     # (epochs=2 may keep the epoch-1 state as best, an identical model, so change the rate too.)
     encodes.clear()
@@ -87,7 +90,7 @@ def test_rerun_matrix(run_config, monkeypatch):
     prompt.write_text(prompt.read_text().replace("Use your own words.", "Use your own words, please."))
     assert runs.status(run_config(epochs=2))["generate"].startswith("stale (changed: input")
     assert ran(run_config(epochs=2)) == ["generate", "mine", "train", "evaluate"]
-    assert CountingLLM.calls > 0
+    assert COUNTING.calls > 0
 
     # --force, --from, --to and --dry-run
     assert ran(run_config(epochs=2), force=("mine",)) == ["mine"]
@@ -99,18 +102,12 @@ def test_rerun_matrix(run_config, monkeypatch):
 
 
 def test_failed_stage_is_recorded_and_leaves_no_partial_output(run_config):
-    class Broken:
-        identity = {"model": "broken", "base_url": "memory"}
-
-        async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
-            raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
-
-        async def aclose(self):
-            pass
+    def unreachable(messages, call):
+        raise EmbedforgeError("The endpoint is unreachable", where="test", fix="start it")
 
     config = run_config()
     with pytest.raises(EmbedforgeError):
-        runs.run(config, llm_factory=lambda c, s: Broken(), echo=lambda line: None)
+        runs.run(config, llm_factory=lambda c, s: FakeChatModel(unreachable, name="broken"), echo=lambda line: None)
     assert runs.status(config)["generate"] == "failed last time"
     assert not (config.run / "generate" / "queries.jsonl").exists()
     assert not list(config.run.rglob("*.tmp"))
@@ -133,7 +130,7 @@ def test_two_process_ddp_training_on_cpu(run_config, tmp_path):
     config_file = tmp_path / "embedforge.toml"
     config_file.write_text(config_toml(config))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "embedforge", "train", "--config", str(config_file)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "embedforge", "train", "--config", str(config_file)],
         capture_output=True, text=True, env=environment, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,7 +17,7 @@ stage (compare / evaluate), decision (the fine-tune-or-not helper).
 
 from embedforge.evaluate.data import EvalSet, check_eval_set, eval_set_files, load_beir, read_qrels
 from embedforge.evaluate.decision import Decision, decide, decide_for_run, measure_throughput
-from embedforge.evaluate.leaks import contamination, normalize_text
+from embedforge.evaluate.leaks import contamination
 from embedforge.evaluate.metrics import METRICS, ir_metrics, paired_bootstrap, randomization_p_value, verdict
 from embedforge.evaluate.report import render_chart, render_report
 from embedforge.evaluate.retrieval import BM25_MODEL, METRICS_VERSION, TOP_K, bm25_retrieve, evaluate_model, retrieve
@@ -26,6 +26,6 @@ from embedforge.evaluate.stage import HEADLINE, STAGE_VERSION, biggest_changes, 
 __all__ = [
     "BM25_MODEL", "Decision", "EvalSet", "HEADLINE", "METRICS", "METRICS_VERSION", "STAGE_VERSION", "TOP_K", "biggest_changes",
     "bm25_retrieve", "check_eval_set", "compare", "contamination", "decide", "decide_for_run", "eval_set_files", "evaluate", "evaluate_model",
-    "ir_metrics", "load_beir", "measure_throughput", "normalize_text", "paired_bootstrap", "randomization_p_value", "read_qrels",
+    "ir_metrics", "load_beir", "measure_throughput", "paired_bootstrap", "randomization_p_value", "read_qrels",
     "render_chart", "render_report", "retrieve", "verdict", "versus_reference",
 ]

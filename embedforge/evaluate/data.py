@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from embedforge.corpus import read_qrels
 from embedforge.errors import EmbedforgeError
 from embedforge.files import iter_jsonl, sha256_file, sha256_json
 
@@ -17,22 +18,6 @@ class EvalSet:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     sha256: str
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as error:
-        raise EmbedforgeError("Qrels file not found", where=str(path), fix="an eval set needs qrels/test.tsv (query-id, corpus-id, score)") from error
-    for number, line in enumerate(lines, start=1):
-        fields = line.split("\t")
-        if not line.strip() or (number == 1 and not fields[-1].strip().lstrip("-").isdigit()):
-            continue  # blank lines and the header
-        if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
-            raise EmbedforgeError("Qrels lines need three tab-separated fields: query-id, corpus-id, integer score", where=f"{path}, line {number}", fix="fix that line")
-        qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
-    return qrels
 
 
 def load_beir(folder: Path, split: str = "test", passages: list[dict] | None = None, name: str | None = None, source: str | None = None) -> EvalSet:

@@ -14,7 +14,7 @@ import numpy as np
 from embedforge.errors import EmbedforgeError
 from embedforge.evaluate.metrics import verdict
 from embedforge.files import iter_jsonl, read_json
-from embedforge.reindex import format_duration
+from embedforge.text import format_duration
 
 OFF_THE_SHELF = "off-the-shelf"
 MORE_DATA = "generate more data first"

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 from embedforge.evaluate.data import EvalSet
-
-
-def normalize_text(text: str) -> str:
-    # Lowercase, punctuation dropped, whitespace collapsed: "What is X?" and "what is  x" are the
-    # same query (the rule generate uses to call two queries duplicates).
-    return " ".join(re.findall(r"\w+", text.lower()))
+from embedforge.text import normalize_text
 
 
 def contamination(train_rows: Iterable[dict], eval_set: EvalSet, examples: int = 5) -> dict:

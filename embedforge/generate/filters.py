@@ -20,10 +20,6 @@ _META_PATTERNS = re.compile(
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]+|\d+[.)]|\(\d+\))\s*")
 
 
-def normalize_query(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
 def parse_queries(text: str | None, wanted: int) -> list[str]:
     """Queries from a model answer: a JSON list (or {"queries": [...]}), else one per line."""
     if not text or not text.strip():

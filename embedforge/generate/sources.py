@@ -7,10 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from embedforge.config import GenerateConfig
-from embedforge.corpus import split_of, unit_hash
+from embedforge.corpus import read_qrels, split_of, unit_hash
 from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, sha256_text, write_jsonl
-from embedforge.generate.filters import normalize_query, reject_reason
+from embedforge.generate.filters import reject_reason
+from embedforge.text import normalize_text
 
 def batch_request(key: str, model: str, messages: list, config: GenerateConfig) -> dict:
     """One line of an OpenAI Batch API input file (also read by `vllm run-batch`)."""
@@ -63,8 +64,6 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
     """(query text, passage id) pairs: a BEIR folder (queries.jsonl + qrels/train.tsv) or a JSONL file."""
     path = Path(path)
     if path.is_dir():
-        from embedforge.evaluate import read_qrels
-
         texts = {str(row["_id"]): row["text"] for row in iter_jsonl(path / "queries.jsonl")}
         qrels = read_qrels(path / "qrels" / "train.tsv")
         return [(texts[query], doc) for query, docs in qrels.items() if query in texts for doc, grade in docs.items() if grade > 0]
@@ -103,13 +102,13 @@ def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen:
         if reason:
             reject(text, passage_id, reason)
             continue
-        key = normalize_query(text) + "\t" + passage_id
+        key = normalize_text(text) + "\t" + passage_id
         if key in seen:
             reject(text, passage_id, "duplicate")
             continue
         seen.add(key)
-        seen.add(normalize_query(text))  # generated queries must not repeat an imported one
-        by_query[normalize_query(text)].append((text, passage_id))
+        seen.add(normalize_text(text))  # generated queries must not repeat an imported one
+        by_query[normalize_text(text)].append((text, passage_id))
     cap = config.max_positives_per_query
     for normalized, pairs in by_query.items():
         split = split_of("query:" + normalized, config.dev_fraction, config.test_fraction)
@@ -136,7 +135,7 @@ def write_eval_set(folder: Path, queries: list[dict]) -> None:
     grouped: dict[tuple[str, str], dict] = {}
     for query in queries:
         if query["split"] in ("dev", "test"):
-            entry = grouped.setdefault((query["split"], normalize_query(query["text"])), {"_id": query["_id"], "text": query["text"], "split": query["split"], "passages": []})
+            entry = grouped.setdefault((query["split"], normalize_text(query["text"])), {"_id": query["_id"], "text": query["text"], "split": query["split"], "passages": []})
             entry["passages"].append(query["passage_id"])
     write_jsonl(folder / "queries.jsonl", ({"_id": q["_id"], "text": q["text"]} for q in grouped.values()))
     for split in ("dev", "test"):

@@ -1,0 +1,20 @@
+"""Small text helpers shared by the stages (below all of them, so no stage imports another)."""
+
+from __future__ import annotations
+
+import re
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, punctuation dropped, whitespace collapsed: "What is X?" and "what is  x" are the
+    same query. One rule for generate's duplicates, mine's known positives and evaluate's
+    contamination check, so the three never disagree on what "the same text" is."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
