@@ -13,7 +13,7 @@ Each round, in alternating order (drifting machine load hits both sides alike):
 Each run is checked against what reindex promises: every passage has a vector, identical texts share
 one (a text is encoded once), and encoded + reused = total. (The first 2,000 nfcorpus passages hold
 11 repeated texts: 1,989 are encoded, not 2,000.)
-Default size: 2,000 passages, 3 rounds (about 4 minutes on 2 CPU cores).
+Default size: 2,000 passages, 3 rounds (about 15 minutes on 2 CPU cores: each round encodes the corpus twice).
 Ends with `RESULT ratio=<ours/plain passages per second> incremental_fraction=<incremental/full time>`
 (medians over the rounds). Goals: ratio >= 0.95, incremental_fraction <= 0.05.
 """
