@@ -320,6 +320,8 @@ def test_objects_from_before_the_calls_are_frozen_during_them_and_released_after
     try:
         theirs = gc.get_freeze_count()
         generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / "caller", _config(), Watching(), seed=0)
-        assert gc.get_freeze_count() >= theirs
+        # Still frozen (an unfreeze would empty the permanent generation); frozen objects that
+        # the stage freed leave it, so the count may drop by a few (it did: 623,942 -> 623,938).
+        assert gc.get_freeze_count() > theirs // 2
     finally:
         gc.unfreeze()
