@@ -78,8 +78,7 @@ def consistent(run_dir):
     rows = ledger(run_dir)
     answered = [row["request_sha"] for row in rows if not row.get("failed")]
     assert len(answered) == len(set(answered)), "a request was paid twice"
-    assert not [p for p in Path(run_dir).rglob("*.tmp")] if Path(run_dir).exists() else True
-    assert not [p for p in Path(run_dir).rglob("*.tmp*")] if Path(run_dir).exists() else True
+    assert not list(Path(run_dir).rglob("*.tmp*")), "a half-written file was left"
     return rows
 
 
