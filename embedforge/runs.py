@@ -12,6 +12,7 @@ Keeps:  per stage, a manifest entry with its fingerprint (sha256 over stage, sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
@@ -387,18 +388,15 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
     """Run the selected stages in order, skipping those that are up to date."""
     pipeline = Run(config, llm_factory=llm_factory, echo=echo)
     selected = select_stages(from_stage, to_stage)
-    lock = None
-    if not dry_run and process_rank() == 0:  # torchrun's other ranks work under rank 0's lock
+    lock = contextlib.nullcontext()  # a dry run writes nothing; torchrun's other ranks work under rank 0's lock
+    if not dry_run and process_rank() == 0:
         check_writable_folder(config.run, "--run")
         check_writable_folder(config.cache, "--cache")
-        lock = FolderLock(config.run).acquire()
-    try:
+        lock = FolderLock(config.run)
+    with lock:
         pipeline.check_inputs()
         corpus_changed = pipeline.prepare(dry_run)
         _run_stages(pipeline, selected, set(force) | ({from_stage} if from_stage else set()), dry_run, corpus_changed, echo)
-    finally:
-        if lock:
-            lock.release()
     return pipeline
 
 
