@@ -154,7 +154,8 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
             raise EmbedforgeError("--decide works on a run directory, not on standalone --model evaluations", where="embedforge evaluate --decide", fix="pass --run DIR instead of --model")
         _setup_logging()
         config = load_config(config_file, overrides)
-        decision = evaluate_stage.decide_for_run(config.run, target, batch_size=config.encode_batch_size, seed=config.seed)
+        decision = evaluate_stage.decide_for_run(config.run, target, batch_size=config.encode_batch_size, seed=config.seed,
+                                                  encode_backend=config.encode_backend, cache_dir=config.cache)
         typer.echo(decision.render())
         return
     if not model:
@@ -173,7 +174,7 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
     # Standalone, --query-prompt/--passage-prompt apply to every --model (a model's own prompts otherwise).
     prompts = {name: encoder_prompts(config) for name in model}
     evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size,
-                            prompts=prompts)
+                            prompts=prompts, encode_backend=config.encode_backend)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
 
@@ -216,6 +217,8 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
             index: str = typer.Option("auto", "--index", help="auto (flat up to 1M passages, IVF up to 5M, then IVF-PQ), flat, ivf, ivfpq or hnsw"),
             batch_size: int = typer.Option(64, "--batch-size", min=1, help="passages per encoding batch"),
             devices: Optional[str] = typer.Option(None, "--devices", help="comma-separated devices, one encoding process each: cuda:0,cuda:1 or cpu,cpu"),
+            encode_backend: str = typer.Option("auto", "--encode-backend", help=_field_info("encode_backend").description),
+            cache: Path = typer.Option(Path("cache"), "--cache", help="where an exported encoder is kept (a fine-tuned model ships its own)"),
             dry_run: bool = typer.Option(False, "--dry-run", help="time a sample and print the estimated encoding time; write nothing")) -> None:
     """Embed a corpus with a (fine-tuned) model into an index folder: resumable, and incremental on rerun."""
     from embedforge import reindex as reindexing
@@ -223,7 +226,8 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
     from embedforge.corpus import load_corpus
 
     _setup_logging()
-    settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices))
+    settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices),
+                                          encode_backend=encode_backend, cache=cache)
     settings.check()  # before the corpus is read: a typo should not cost a corpus load
     passages = load_corpus(CorpusConfig(corpus=corpus))
     if dry_run:
@@ -235,12 +239,13 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
 @app.command()
 def search(query: str = typer.Argument(..., help="the query text"),
            index_dir: Path = typer.Option(..., "--index", help="a folder written by embedforge reindex"),
-           k: int = typer.Option(10, "-k", "--k", min=1, help="how many passages to show")) -> None:
+           k: int = typer.Option(10, "-k", "--k", min=1, help="how many passages to show"),
+           cache: Path = typer.Option(Path("cache"), "--cache", help="where an exported encoder is kept, for an index built with --encode-backend onnx-int8")) -> None:
     """Search an index folder with the model that built it: rank, id, score and passage text."""
     from embedforge import reindex as reindexing
 
     _setup_logging()
-    for hit in reindexing.search(index_dir, query, k):
+    for hit in reindexing.search(index_dir, query, k, cache_dir=cache):
         text = " ".join(hit.text.split())
         typer.echo(f"{hit.rank:>3}  {hit.id}  {hit.score:.4f}  {text[:200] + ('…' if len(text) > 200 else '')}")
 

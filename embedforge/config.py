@@ -127,6 +127,9 @@ class RunConfig(_Frozen):
     base_model: str = DEFAULT_BASE_MODEL
     seed: int = 0
     encode_batch_size: int = Field(64, ge=1, description="most texts per encoding batch; on a CPU, long texts go in smaller batches (about 2,048 tokens each)")
+    encode_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "auto", description="what runs the encoder for corpus and query vectors: auto = the fastest installed backend whose vectors agree with torch's (checked once per model), torch on a GPU; onnx-int8 = quantized (other vectors, so other caches)"
+    )
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field("auto", description="FAISS index over the base model's corpus embeddings: auto = exact up to exact_max passages, else IVF")
     exact_max: int = Field(1_000_000, ge=1, description="largest corpus searched exactly when index = auto")
     nprobe: int = Field(32, ge=1, description="IVF lists probed per query (HNSW: efSearch = 4 x nprobe)")

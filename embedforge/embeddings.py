@@ -56,10 +56,14 @@ def model_identity(name_or_path: str) -> str:
     return _IDENTITIES[stamp]
 
 
-def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None, prompts: dict[str, str] | None = None):
+def load_model(name_or_path: str, max_seq_length: int | None = None, device: str | None = None, prompts: dict[str, str] | None = None,
+               backend: str = "torch", cache_dir: Path | None = None):
     """A SentenceTransformer; `prompts` ({"query": ..., "document": ...}) override the model's own.
 
     encode_query/encode_document apply them, and a model trained from this one saves them.
+    `backend` (see embedforge.backends) runs its transformer on ONNX Runtime or OpenVINO, from an
+    export kept under `cache_dir`; `model.encode_backend` says which one encodes. A model to train
+    stays on torch.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -76,6 +80,11 @@ def load_model(name_or_path: str, max_seq_length: int | None = None, device: str
         model.max_seq_length = max_seq_length
     if prompts:
         model.prompts = {**model.prompts, **prompts}
+    model.encode_backend = "torch"
+    if backend != "torch":
+        from embedforge.backends import attach
+
+        model.encode_backend = attach(model, resolved, model_identity(name_or_path), backend, cache_dir)
     return model
 
 
@@ -233,32 +242,38 @@ class CorpusEmbeddings:
         return self.index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
 
 
-def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None, prompts: dict[str, str] | None = None) -> str:
+def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None, prompts: dict[str, str] | None = None,
+               encode_backend: str = "torch") -> str:
+    from embedforge.backends import vectors_key
+
     corpus_hash = sha256_json([[p["_id"], passage_text(p)] for p in passages])
     key = {"model": model_identity(model_name), "max_seq_length": max_seq_length, "normalize": True, "corpus": corpus_hash, "format": 1}
     if prompts and "document" in prompts:  # only an override counts: a saved prompt is part of the model's identity
         key["passage_prompt"] = prompts["document"]
+    if vectors_key(encode_backend):  # fp32 backends agree with torch (checked at export), so they share its entries
+        key["vectors"] = vectors_key(encode_backend)
     return sha256_json(key)
 
 
 def corpus_embeddings(
     model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None,
-    index_spec: IndexSpec = IndexSpec(), prompts: dict[str, str] | None = None,
+    index_spec: IndexSpec = IndexSpec(), prompts: dict[str, str] | None = None, encode_backend: str = "torch",
 ) -> CorpusEmbeddings:
     """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored.
 
-    The index is cached beside the vectors, one file per index kind.
+    The index is cached beside the vectors, one file per index kind. A given `model` must have
+    been loaded with `encode_backend`.
     """
     import faiss
 
-    key = corpus_key(model_name, passages, max_seq_length, prompts)
+    key = corpus_key(model_name, passages, max_seq_length, prompts, encode_backend)
     folder = Path(cache_dir) / "embeddings" / key if cache_dir else None
     if folder and (folder / "vectors.npy").exists() and (folder / "ids.json").exists():
         ids = read_json(folder / "ids.json")
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
         logger.info("corpus embeddings: cache hit %s", key[:12])
     else:
-        model = model or load_model(model_name, max_seq_length=max_seq_length, prompts=prompts)
+        model = model or load_model(model_name, max_seq_length=max_seq_length, prompts=prompts, backend=encode_backend, cache_dir=cache_dir)
         vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
         ids = [p["_id"] for p in passages]
         if folder:

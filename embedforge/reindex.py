@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedforge.backends import check_backend, vectors_key
 from embedforge.embeddings import IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text, resolve_model
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, iter_jsonl, read_json, sha256_text, write_json
@@ -50,8 +51,11 @@ class ReindexSettings:
     batch_size: int = 64
     devices: tuple[str, ...] = ()
     nprobe: int = 32
+    encode_backend: str = "auto"
+    cache: Path | None = Path("cache")  # where an exported encoder is kept (a fine-tuned model ships its own)
 
     def check(self) -> None:
+        check_backend(self.encode_backend)
         if self.dtype not in DTYPES:
             raise EmbedforgeError(f"Unknown dtype {self.dtype!r}", where="--dtype", fix=f"use one of {', '.join(DTYPES)}")
         if self.index not in INDEX_KINDS:
@@ -211,7 +215,7 @@ def _plan(model_name: str, passages: list[dict], out_dir: Path, settings: Reinde
         raise EmbedforgeError("The index folder is a file", where=str(out_dir), fix="choose a folder for --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists() and not (out_dir / "shards").is_dir():
         raise EmbedforgeError("The folder holds other files, not a reindex", where=str(out_dir), fix="choose an empty or new folder for --out")
-    identity = model_identity(model_name)
+    identity = vector_identity(model_name, settings.encode_backend)
     texts = [passage_text(p) for p in passages]
     hashes = [sha256_text(text) for text in texts]
     previous = read_manifest(out_dir) if (out_dir / "manifest.json").exists() else None
@@ -249,11 +253,19 @@ def _plan(model_name: str, passages: list[dict], out_dir: Path, settings: Reinde
     return _Plan(identity, ids, texts, hashes, located, pending, previous, max(numbers) + 1, notes)
 
 
+def vector_identity(model_name: str, encode_backend: str) -> str:
+    """What shards must share to be reused: the model, and the backend when its vectors differ from torch's."""
+    key = vectors_key(encode_backend)
+    return model_identity(model_name) + (f"+{key}" if key else "")
+
+
 def _open_model(model_name: str, settings: ReindexSettings, model=None):
     """The model, and a multi-process pool when several devices are named (one process each)."""
     devices = list(settings.devices)
     if model is None:
-        model = load_model(model_name, device=devices[0] if len(devices) == 1 else ("cpu" if devices else None))
+        # Several encoding processes each load the model themselves, on torch.
+        backend = settings.encode_backend if len(devices) <= 1 else "torch"
+        model = load_model(model_name, device=devices[0] if len(devices) == 1 else ("cpu" if devices else None), backend=backend, cache_dir=settings.cache)
     elif len(devices) == 1:
         model.to(devices[0])
     pool = model.start_multi_process_pool(devices) if len(devices) > 1 else None
@@ -342,6 +354,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
         "model": model_name,
         "model_path": resolve_model(model_name),
         "model_identity": plan.identity,
+        "encode_backend": getattr(model, "encode_backend", "torch"),
         "dtype": settings.dtype,
         "dimension": int(vectors.shape[1]),
         "count": len(entries),
@@ -375,22 +388,24 @@ def estimate(model_name: str, passages: list[dict], out_dir: Path, settings: Rei
     return Estimate(len(passages), len(plan.pending), len(sample), rate, len(plan.pending) / rate, plan.notes)
 
 
-def load_index_model(manifest: dict, index_dir: Path):
+def load_index_model(manifest: dict, index_dir: Path, cache_dir: Path | None = Path("cache")):
     """The model recorded in the manifest, refusing one whose files changed since the index was built."""
     recorded = manifest["model_path"]
     name = recorded if Path(recorded).exists() else manifest["model"]
     rebuild = f"rerun embedforge reindex --model {manifest['model']} --corpus CORPUS --out {index_dir}"
     if manifest["model_identity"].startswith("sha256:") and not Path(resolve_model(name)).exists():
         raise EmbedforgeError("The model folder this index was built with is gone", where=recorded, fix=f"restore it, or {rebuild} with the model you have")
-    if model_identity(name) != manifest["model_identity"]:
+    built_with = manifest.get("encode_backend", "torch")
+    backend = built_with if vectors_key(built_with) else "torch"  # fp32 backends agree with torch, which loads fastest for one query
+    if vector_identity(name, backend) != manifest["model_identity"]:
         raise EmbedforgeError(
             "The model is not the one this index was built with (its files changed since)", where=recorded,
             fix=f"{rebuild} to re-embed with it, or restore the original model",
         )
-    return load_model(name)
+    return load_model(name, backend=backend, cache_dir=cache_dir)
 
 
-def search(index_dir: Path, query: str, k: int = 10, model=None) -> list[Hit]:
+def search(index_dir: Path, query: str, k: int = 10, model=None, cache_dir: Path | None = Path("cache")) -> list[Hit]:
     """Top-k passages for `query`, with their text read back from the shards."""
     import faiss
 
@@ -399,7 +414,7 @@ def search(index_dir: Path, query: str, k: int = 10, model=None) -> list[Hit]:
     index_path, ids_path = index_dir / manifest["index"]["file"], index_dir / manifest["index"]["ids"]
     if not index_path.exists() or not ids_path.exists():
         raise EmbedforgeError("The index named by the manifest is missing", where=str(index_path), fix=f"rerun embedforge reindex --out {index_dir}")
-    model = model or load_index_model(manifest, index_dir)
+    model = model or load_index_model(manifest, index_dir, cache_dir)
     vector = encode_texts(model, [query], 1, kind="query")
     if vector.shape[1] != manifest["dimension"]:
         raise EmbedforgeError(

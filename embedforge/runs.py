@@ -27,6 +27,7 @@ from embedforge import evaluate as evaluate_stage
 from embedforge import generate as generate_stage
 from embedforge import mine as mine_stage
 from embedforge import train as train_stage
+from embedforge.backends import vectors_key
 from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
 from embedforge.corpus import load_corpus, read_qrels, split_of
 from embedforge.errors import EmbedforgeError
@@ -111,7 +112,7 @@ class Run:
     def base_model(self):
         from embedforge.embeddings import load_model
 
-        return load_model(self.config.base_model, prompts=encoder_prompts(self.config))
+        return load_model(self.config.base_model, prompts=encoder_prompts(self.config), backend=self.config.encode_backend, cache_dir=self.cache)
 
     @functools.cached_property
     def cross_encoder(self):
@@ -125,7 +126,7 @@ class Run:
 
         spec = IndexSpec(self.config.index, self.config.exact_max, self.config.nprobe)
         return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model, index_spec=spec,
-                                 prompts=encoder_prompts(self.config))
+                                 prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend)
 
     def encode_queries(self, texts: list[str]):
         from embedforge.embeddings import encode_texts
@@ -203,6 +204,8 @@ class Run:
         shared = {"seed": config.seed, "base_model": self.base_identity, "index": [config.index, config.exact_max, config.nprobe]}
         if encoder_prompts(config):  # absent when unset, so runs made before prompts existed stay up to date
             shared["encoder_prompts"] = encoder_prompts(config)
+        if vectors_key(config.encode_backend):  # only a backend whose vectors differ from torch's changes results
+            shared["encode_backend"] = vectors_key(config.encode_backend)
         section = getattr(config, row.section)
         # Files are inputs: their contents count, not where they are.
         settings = {key: value for key, value in fingerprint_fields(section).items() if key not in row.file_fields}
@@ -289,7 +292,7 @@ class Run:
         notes = {"corpus sha256": plan.inputs.get(CORPUS), "prompt sha256": sha256_file(self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
         rows = list(iter_jsonl(self.path(TRAIN_ROWS)))
         return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.path(plan.name), self.config.train, self.config.seed, self.config.encode_batch_size, notes,
-                                 prompts=encoder_prompts(self.config))
+                                 prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend)
 
     def _run_evaluate(self, plan: StagePlan) -> dict:
         synthetic = evaluate_stage.load_beir(
@@ -307,6 +310,7 @@ class Run:
         return evaluate_stage.evaluate(
             eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
+            encode_backend=self.config.encode_backend,
         )
 
     def record(self, plan: StagePlan, entry: dict) -> None:

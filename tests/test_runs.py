@@ -150,3 +150,17 @@ def test_dev_guard_note_defers_to_a_human_labelled_eval_set():
     assert dev_guard_note(False, labelled_sets=0).endswith("keep the base model.")
     with_labels = dev_guard_note(False, labelled_sets=1)
     assert "NOT better" in with_labels and "human-labelled eval set decides" in with_labels
+
+
+def test_an_fp32_encode_backend_reruns_nothing_and_int8_reruns_every_stage(run_config):
+    pytest.importorskip("onnxruntime")
+    assert ran(run_config(encode_backend="onnx")) == ["generate", "mine", "train", "evaluate"]
+    model = run_config().run / "train" / "model"
+    # The fine-tuned model ships its checked export, and evaluation used it: the cache holds only the base model's.
+    assert (model / "onnx" / "model.onnx").exists() and (model / "onnx" / "check.json").exists()
+    assert len(list((run_config().cache / "backends").glob("*/onnx/model.onnx"))) == 1
+    assert "ONNX export: `onnx/model.onnx`" in (model / "README.md").read_text()
+    assert ran(run_config(encode_backend="torch")) == []
+    assert ran(run_config(encode_backend="auto")) == []
+    assert runs.status(run_config(encode_backend="onnx-int8"))["generate"].startswith("stale (changed: setting encode_backend")
+    assert ran(run_config(encode_backend="onnx-int8")) == ["generate", "mine", "train", "evaluate"]

@@ -75,13 +75,14 @@ def decide(target: float, base_ndcg: float, finetuned_ndcg: float | None, delta_
                   f"BM25 is not competitive ({bm25}), so hybrid retrieval would not help; more or better training data is the next lever", reindex_reason)
 
 
-def measure_throughput(model_name: str, passages: list[dict], batch_size: int = 64) -> float:
+def measure_throughput(model_name: str, passages: list[dict], batch_size: int = 64, encode_backend: str = "torch", cache_dir: Path | None = None) -> float:
     """Passages per second that `model_name` encodes on this machine (model loading not counted)."""
     from embedforge.embeddings import encode_throughput, load_model, passage_text
 
     if not passages:
         raise EmbedforgeError("No passages to time the encoder on", where="decide", fix="the run's corpus.jsonl is empty")
-    return encode_throughput(load_model(model_name), [passage_text(p) for p in passages], batch_size)
+    model = load_model(model_name, backend=encode_backend, cache_dir=cache_dir)
+    return encode_throughput(model, [passage_text(p) for p in passages], batch_size)
 
 
 def _sample_corpus(path: Path, size: int, seed: int) -> tuple[int, list[dict]]:
@@ -98,7 +99,7 @@ def _sample_corpus(path: Path, size: int, seed: int) -> tuple[int, list[dict]]:
 
 
 def decide_for_run(run_dir: Path, target: float, throughput: float | None = None, eval_set: str | None = None,
-                   sample: int = 200, batch_size: int = 64, seed: int = 0) -> Decision:
+                   sample: int = 200, batch_size: int = 64, seed: int = 0, encode_backend: str = "torch", cache_dir: Path | None = None) -> Decision:
     """Read evaluate/results.json, the manifest and corpus.jsonl of a run; measure throughput unless given."""
     run_dir = Path(run_dir)
     results_path, manifest_path = run_dir / "evaluate" / "results.json", run_dir / "manifest.json"
@@ -118,7 +119,7 @@ def decide_for_run(run_dir: Path, target: float, throughput: float | None = None
     tuned = "fine-tuned" if "fine-tuned" in models else next((label for label, m in models.items() if label != reference and m["model"] != "bm25"), None)
     corpus_size, passages = _sample_corpus(run_dir / "corpus.jsonl", sample, seed)
     if tuned is not None and throughput is None:
-        throughput = measure_throughput(models[tuned]["model"], passages, batch_size)
+        throughput = measure_throughput(models[tuned]["model"], passages, batch_size, encode_backend, cache_dir)
     versus = models[tuned]["versus_reference"]["ndcg@10"] if tuned else None
     decision = decide(
         target, models[reference]["scores"]["ndcg@10"], models[tuned]["scores"]["ndcg@10"] if tuned else None, tuple(versus["ci95"]) if versus else None,

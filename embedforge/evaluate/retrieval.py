@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embedforge.backends import vectors_key
 from embedforge.evaluate.data import EvalSet
 from embedforge.evaluate.metrics import ir_metrics
 from embedforge.files import read_json, sha256_json, write_json
@@ -21,11 +22,12 @@ BM25_MODEL = "bm25"
 BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "stemmer": None}
 
 
-def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int, prompts: dict[str, str] | None = None) -> dict[str, list[str]]:
+def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int, prompts: dict[str, str] | None = None,
+             encode_backend: str = "torch") -> dict[str, list[str]]:
     from embedforge.embeddings import corpus_embeddings, encode_texts, load_model
 
-    model = load_model(model_name, prompts=prompts)
-    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts)
+    model = load_model(model_name, prompts=prompts, backend=encode_backend, cache_dir=cache_dir)
+    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts, encode_backend=encode_backend)
     query_ids = list(eval_set.queries)
     query_vectors = encode_texts(model, [eval_set.queries[q] for q in query_ids], batch_size, kind="query")
     _, indices = embeddings.search(query_vectors, TOP_K)
@@ -54,7 +56,7 @@ def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
     return {query: [ids[d] for d, s in zip(row, row_scores) if s > 0] for query, row, row_scores in zip(query_ids, documents, scores)}
 
 
-def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | None = None) -> str:
+def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | None = None, encode_backend: str = "torch") -> str:
     if model_name == BM25_MODEL:
         import bm25s
 
@@ -66,18 +68,21 @@ def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | Non
     key = {"model": identity, "eval_set": eval_set.sha256, "metrics": METRICS_VERSION, "top_k": TOP_K}
     if prompts:
         key["prompts"] = prompts
+    if model_name != BM25_MODEL and vectors_key(encode_backend):
+        key["vectors"] = vectors_key(encode_backend)
     return sha256_json(key)
 
 
-def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64, prompts: dict[str, str] | None = None) -> dict:
+def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64, prompts: dict[str, str] | None = None,
+                   encode_backend: str = "torch") -> dict:
     """{"binary": per-query metrics, "graded": per-query metrics, "ranked": top-100 ids per query}, cached by content.
 
     `prompts` override the model's own query/document prompts.
     """
-    path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set, prompts)}.json" if cache_dir else None
+    path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set, prompts, encode_backend)}.json" if cache_dir else None
     if path and path.exists():
         return read_json(path)
-    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size, prompts)
+    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size, prompts, encode_backend)
     result = {"binary": ir_metrics(ranked, eval_set.qrels), "graded": ir_metrics(ranked, eval_set.qrels, graded=True), "ranked": ranked}
     if path:
         write_json(path, result)

@@ -66,7 +66,8 @@ def biggest_changes(eval_set: EvalSet, reference: dict, result: dict, count: int
 
 
 def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: Path | None, resamples: int = 10_000, seed: int = 0,
-            batch_size: int = 64, train_rows: list[dict] | None = None, prompts: dict[str, dict[str, str]] | None = None) -> dict:
+            batch_size: int = 64, train_rows: list[dict] | None = None, prompts: dict[str, dict[str, str]] | None = None,
+            encode_backend: str = "torch") -> dict:
     """Results for every (eval set, model); the first model is the reference for deltas and CIs.
 
     `models` are (label, model name or path) pairs; the name "bm25" is the BM25 lexical reference.
@@ -77,7 +78,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique: {labels}")
     reference_label = labels[0]
-    results = {"reference": reference_label, "metrics_version": METRICS_VERSION, "eval_sets": {}}
+    results = {"reference": reference_label, "metrics_version": METRICS_VERSION, "encode_backend": encode_backend, "eval_sets": {}}
     for eval_set in eval_sets:
         graded = any(grade > 1 for docs in eval_set.qrels.values() for grade in docs.values())
         check = contamination(train_rows, eval_set) if train_rows is not None else None
@@ -85,7 +86,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
             logger.warning("CONTAMINATION in %s: %d shared query texts, %d shared positives", eval_set.name, check["shared_query_texts"], check["shared_positives"])
         entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
                  "contamination": check, "models": {}}
-        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name)) for label, name in models}
+        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name), encode_backend) for label, name in models}
         reference = per_model[reference_label]
         for label, model_name in models:
             result = per_model[label]
@@ -107,7 +108,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
 
 def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
              batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None,
-             prompts: dict[str, dict[str, str]] | None = None) -> dict:
+             prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch") -> dict:
     """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
 
     With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
@@ -117,7 +118,7 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     models = list(models)
     if bm25 and all(name != BM25_MODEL and label != "bm25" for label, name in models):
         models.append(("bm25", BM25_MODEL))
-    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts)
+    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend)
     results["notes"] = notes or []
     render_chart(results, out_dir / "report.png")
     write_text(out_dir / "report.md", render_report(results, notes))

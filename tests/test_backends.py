@@ -1,0 +1,101 @@
+"""Encoding backends: ONNX Runtime and OpenVINO give torch's vectors (or are not used), export once
+per model, and only a backend with other vectors (onnx-int8) changes cache keys."""
+
+import json
+
+import numpy as np
+import pytest
+
+from embedforge import backends
+from embedforge.embeddings import corpus_embeddings, corpus_key, encode_texts, load_model
+from embedforge.errors import EmbedforgeError
+
+TEXTS = ["apple river", "history of the engine " * 40, "tax", "what is a protein", "engine"] * 4  # one longer than max_seq_length
+FP32 = [pytest.param(name, marks=pytest.mark.skipif(not backends.installed(name), reason=f"{name} is not installed")) for name in ("onnx", "openvino")]
+
+
+def vectors(model):
+    return encode_texts(model, TEXTS, 4, kind="document", progress=False)
+
+
+@pytest.mark.parametrize("backend", FP32)
+def test_an_fp32_backend_gives_torch_vectors_for_documents_and_queries(tiny_model, tmp_path, backend):
+    torch_model = load_model(tiny_model)
+    model = load_model(tiny_model, backend=backend, cache_dir=tmp_path)
+    assert model.encode_backend == backend
+    assert np.abs(vectors(model) - vectors(torch_model)).max() <= backends.AGREEMENT
+    queries = ["apple", "history of tax"]
+    assert np.abs(encode_texts(model, queries, 2, kind="query") - encode_texts(torch_model, queries, 2, kind="query")).max() <= backends.AGREEMENT
+    check = json.loads(next(tmp_path.glob(f"backends/*/{backend}/check.json")).read_text())
+    assert check["max_abs_diff"] <= backends.AGREEMENT and check["probe_texts"] > 0
+
+
+def test_the_export_happens_once_per_model(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
+    monkeypatch.setattr(backends, "_export", lambda *arguments: pytest.fail("exported a second time"))
+    assert load_model(tiny_model, backend="onnx", cache_dir=tmp_path).encode_backend == "onnx"
+
+
+def test_a_failed_export_leaves_nothing_behind_and_the_next_one_succeeds(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    real = backends._export
+
+    def half_then_fail(model, backend, folder):
+        (folder / "model.onnx").write_bytes(b"half a graph")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backends, "_export", half_then_fail)
+    with pytest.raises(EmbedforgeError, match="Exporting the model to onnx failed"):
+        load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
+    assert not list(tmp_path.glob("backends/*/*"))  # no folder that a later run could take for an export
+    monkeypatch.setattr(backends, "_export", real)
+    assert load_model(tiny_model, backend="onnx", cache_dir=tmp_path).encode_backend == "onnx"
+
+
+def test_an_export_that_disagrees_with_torch_is_refused_or_passed_over(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    real = backends.load_runner
+    monkeypatch.setattr(backends, "load_runner", lambda backend, folder: (lambda feeds, run=real(backend, folder): run(feeds) + 0.01))
+    with pytest.raises(EmbedforgeError, match="disagrees with torch"):
+        load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
+    monkeypatch.setattr(backends, "installed", lambda name: name == "onnx")
+    model = load_model(tiny_model, backend="auto", cache_dir=tmp_path)
+    assert model.encode_backend == "torch"
+    assert np.abs(vectors(model) - vectors(load_model(tiny_model))).max() == 0
+
+
+def test_auto_takes_a_backend_only_when_it_was_measured_faster(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(backends, "installed", lambda name: name == "onnx")
+    load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
+    check_file = next(tmp_path.glob("backends/*/onnx/check.json"))
+    check = json.loads(check_file.read_text())
+    for speedup, expected in ((0.8, "torch"), (1.5, "onnx")):
+        check_file.write_text(json.dumps({**check, "speedup": speedup}))
+        assert load_model(tiny_model, backend="auto", cache_dir=tmp_path).encode_backend == expected
+
+
+def test_int8_changes_the_vectors_and_so_the_cache_key(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = load_model(tiny_model, backend="onnx-int8", cache_dir=tmp_path)
+    assert model.encode_backend == "onnx-int8"
+    difference = np.abs(vectors(model) - vectors(load_model(tiny_model))).max()
+    assert 0 < difference < 0.2  # quantized: close, not equal
+    passages = [{"_id": f"p{i}", "title": "", "text": text} for i, text in enumerate(TEXTS[:5])]
+    torch_key = corpus_key(tiny_model, passages, None, encode_backend="torch")
+    assert corpus_key(tiny_model, passages, None, encode_backend="onnx") == torch_key == corpus_key(tiny_model, passages, None, encode_backend="auto")
+    assert corpus_key(tiny_model, passages, None, encode_backend="onnx-int8") != torch_key
+    quantized = corpus_embeddings(tiny_model, passages, tmp_path, encode_backend="onnx-int8")
+    exact = corpus_embeddings(tiny_model, passages, tmp_path, encode_backend="torch")
+    assert quantized.key != exact.key and np.abs(np.asarray(quantized.vectors) - np.asarray(exact.vectors)).max() > 0
+
+
+def test_a_backend_that_is_not_installed_is_a_clear_error_before_any_work(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(backends, "installed", lambda name: False)
+    with pytest.raises(EmbedforgeError) as error:
+        load_model(tiny_model, backend="openvino", cache_dir=tmp_path)
+    assert "not installed" in error.value.message and "--encode-backend torch" in error.value.message
+    assert load_model(tiny_model, backend="auto", cache_dir=tmp_path).encode_backend == "torch"  # auto needs nothing extra
+    with pytest.raises(EmbedforgeError, match="Unknown encode backend"):
+        backends.check_backend("tensorrt")
