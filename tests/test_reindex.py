@@ -199,10 +199,27 @@ def test_cli_reindex_then_search_finds_the_planted_passage(tiny_model, tmp_path)
         "main()\n"
     )
     # One process for both commands: importing torch twice would double this test's time.
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)  # its cache/ there
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert "41 passages: 41 encoded" in result.stdout
     hits = [line.split() for line in lines[-3:]]
     assert hits[0][:2] == ["1", "planted"] and " ".join(hits[0][3:]) == PLANTED["text"]
     assert [hit[0] for hit in hits] == ["1", "2", "3"]
+
+
+def test_an_fp32_backend_reuses_torch_shards_while_int8_reencodes_and_search_follows_it(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dataclasses import replace
+
+    passages = make_passages(20) + [PLANTED]
+    folder = tmp_path / "index"
+    settings = replace(SETTINGS, encode_backend="torch", cache=tmp_path / "cache")
+    first = reindexing.reindex(tiny_model, passages, folder, settings)
+    assert first.encoded > 0
+    assert reindexing.reindex(tiny_model, passages, folder, replace(settings, encode_backend="onnx")).encoded == 0
+    quantized = reindexing.reindex(tiny_model, passages, folder, replace(settings, encode_backend="onnx-int8"))
+    assert quantized.encoded == first.encoded and any("full rebuild" in note for note in quantized.notes)
+    assert json.loads((folder / "manifest.json").read_text())["encode_backend"] == "onnx-int8"
+    hits = reindexing.search(folder, PLANTED["text"], k=1, cache_dir=tmp_path / "cache")
+    assert hits[0].id == "planted"
