@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -63,8 +64,9 @@ def check_backend(backend: str) -> None:
 def attach(model, model_folder: str, identity: str, backend: str, cache_dir: Path | None) -> str:
     """Run `model`'s transformer on `backend` (exported once, then reused); returns the backend used.
 
-    `auto` takes the fastest installed backend whose check passed (torch when none is faster, when
-    the model is not on the CPU, or when it is not a plain transformer + pooling model)."""
+    `auto` takes the fastest installed backend whose check passed and measured faster than torch
+    (torch when none did, when the model is not on the CPU, when it is not a plain transformer +
+    pooling model, or when there is no cache folder for an export)."""
     check_backend(backend)
     transformer = _transformer_module(model)
     on_cpu = str(model.device) == "cpu"
@@ -76,11 +78,11 @@ def attach(model, model_folder: str, identity: str, backend: str, cache_dir: Pat
             where=model_folder, fix="use --encode-backend torch (or auto)",
         )
     candidates = [backend] if backend != "auto" else [name for name in ("onnx", "openvino") if installed(name)]
-    checks = {}
+    checks, folders = {}, {}
     for name in candidates:
-        folder = export_folder(model_folder, identity, name, cache_dir)
         try:
-            checks[name] = ensure_export(model, name, folder)
+            folders[name] = export_folder(model_folder, identity, name, cache_dir)
+            checks[name] = ensure_export(model, name, folders[name])
         except EmbedforgeError as error:
             if backend != "auto":
                 raise
@@ -89,37 +91,72 @@ def attach(model, model_folder: str, identity: str, backend: str, cache_dir: Pat
     if backend != "auto" and backend not in usable:
         raise EmbedforgeError(
             f"The {backend} export of this model disagrees with torch (max |difference| {checks[backend]['max_abs_diff']:.2e} > {AGREEMENT:g})",
-            where=str(export_folder(model_folder, identity, backend, cache_dir)), fix="use --encode-backend torch, and report the model",
+            where=str(folders[backend]), fix="use --encode-backend torch, and report the model",
         )
-    if backend == "auto":
-        faster = {name: check["speedup"] for name, check in usable.items() if check["speedup"] > 1.0}
-        if not faster:
-            return "torch"
-        backend = max(faster, key=faster.get)
-    transformer.model = _runner(load_runner(backend, export_folder(model_folder, identity, backend, cache_dir)), transformer.model.config,
-                                checks[backend]["inputs"])
-    logger.info("encoding with %s (%.2fx torch on this machine)", backend, checks[backend]["speedup"])
-    return backend
+    ranked = sorted(usable, key=lambda name: -usable[name]["speedup"]) if backend == "auto" else [backend]
+    for name in ranked:
+        if backend == "auto" and usable[name]["speedup"] <= 1.0:
+            break
+        try:
+            run = load_runner(name, folders[name])
+        except Exception as error:  # a runtime that cannot open its own export: auto goes on, a chosen backend is an error
+            if backend != "auto":
+                raise EmbedforgeError(f"The {name} runtime cannot load the export ({type(error).__name__}: {str(error)[:200]})", where=str(folders[name]),
+                                      fix=f"delete {folders[name]} to export again, or use --encode-backend torch") from error
+            logger.warning("encode backend %s cannot load its export (%s); auto goes on without it", name, error)
+            continue
+        transformer.model = _runner(run, transformer.model.config, usable[name]["inputs"])
+        logger.info("encoding with %s (%.2fx torch when it was exported)", name, usable[name]["speedup"])
+        return name
+    return "torch"
 
 
 def export_folder(model_folder: str, identity: str, backend: str, cache_dir: Path | None) -> Path:
-    """Where a model's export lives: in the model (a fine-tuned model ships one), else in the cache."""
+    """Where a model's export lives: in the model when it ships one made from these very weights
+    (a fine-tuned model does), else in the cache under a hash of the model's identity."""
     shipped = Path(model_folder) / "onnx"
-    if backend == "onnx" and (shipped / "check.json").exists():
+    if backend == "onnx" and _shipped_export_matches(shipped, Path(model_folder)):
         return shipped
     if cache_dir is None:
         raise EmbedforgeError(f"The {backend} encode backend needs a cache folder for its export", where=model_folder, fix="pass --cache, or --encode-backend torch")
-    return Path(cache_dir) / "backends" / identity.split(":")[-1][:32] / backend
+    key = identity.removeprefix("sha256:") if identity.startswith("sha256:") else hashlib.sha256(identity.encode()).hexdigest()  # hub names contain slashes
+    return Path(cache_dir) / "backends" / key[:32] / backend
 
 
-def ensure_export(model, backend: str, folder: Path) -> dict:
-    """The export's check, exporting first when the folder has none (written whole, or not at all)."""
-    check_file = folder / "check.json"
-    if check_file.exists():
-        check = json.loads(check_file.read_text(encoding="utf-8"))
-        if check.get("version") == EXPORT_VERSION:
-            return check
+def _weights_sha256(model_folder: Path) -> str:
+    """The model's files other than its shipped export and its card: what the export was made from."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_folder.rglob("*") if p.is_file() and p.name != "README.md" and "onnx" not in p.relative_to(model_folder).parts[:1]):
+        digest.update(path.relative_to(model_folder).as_posix().encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _shipped_export_matches(shipped: Path, model_folder: Path) -> bool:
+    check = _read_check(shipped)
+    return check is not None and check.get("weights_sha256") == _weights_sha256(model_folder)
+
+
+def _read_check(folder: Path) -> dict | None:
+    """The folder's check when it is complete and of this version, else None."""
+    try:
+        check = json.loads((folder / "check.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return check if check.get("version") == EXPORT_VERSION else None
+
+
+def ensure_export(model, backend: str, folder: Path, weights_sha256: str | None = None) -> dict:
+    """The export's check, exporting first when the folder has none (written whole, or not at all).
+
+    Two processes exporting at once both succeed: the second to finish keeps the first's export."""
+    check = _read_check(folder)
+    if check is not None:
+        return check
     started = time.perf_counter()
+    _remove_abandoned_partials(folder)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -129,11 +166,21 @@ def ensure_export(model, backend: str, folder: Path) -> dict:
             inputs = _export(model, backend, partial)
         check = {"version": EXPORT_VERSION, "backend": backend, "inputs": inputs, **_compare(model, backend, partial, inputs)}
         check["export_seconds"] = round(time.perf_counter() - started, 2)
+        if weights_sha256:
+            check["weights_sha256"] = weights_sha256
         # Plain writes are enough inside the partial folder: it is renamed into place whole.
         (partial / "check.json").write_text(json.dumps(check, indent=2), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        theirs = _read_check(folder)
+        if theirs is not None:  # another process finished first, and may be using its export
+            return theirs
+        shutil.rmtree(folder, ignore_errors=True)  # an export of an older version, or half of one
+        try:
+            os.replace(partial, folder)
+        except OSError:
+            theirs = _read_check(folder)
+            if theirs is None:
+                raise
+            return theirs
     except EmbedforgeError:
         raise
     except Exception as error:
@@ -145,10 +192,31 @@ def ensure_export(model, backend: str, folder: Path) -> dict:
     return check
 
 
+def _remove_abandoned_partials(folder: Path) -> None:
+    """Partial exports of processes that died (killed mid-export) are removed; live ones are not."""
+    for partial in folder.parent.glob(f"{folder.name}.partial-*") if folder.parent.is_dir() else []:
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def save_with_model(model, model_folder: Path) -> dict:
     """Ship an ONNX export inside a saved model (`<model>/onnx/model.onnx`, the layout
-    sentence-transformers' own ONNX backend reads), so that it is served as it was evaluated."""
-    return ensure_export(model, "onnx", Path(model_folder) / "onnx")
+    sentence-transformers' own ONNX backend reads), so that it is served as it was evaluated.
+    Its check names the weights it was made from: once they change, the export is not used."""
+    model_folder = Path(model_folder)
+    return ensure_export(model, "onnx", model_folder / "onnx", weights_sha256=_weights_sha256(model_folder))
 
 
 # --- export and run ---------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class ReindexSettings:
 
     def check(self) -> None:
         check_backend(self.encode_backend)
+        if vectors_key(self.encode_backend) and len(self.devices) > 1:
+            raise EmbedforgeError(f"--encode-backend {self.encode_backend} encodes in one process; several --devices encode with torch",
+                                  where="--encode-backend / --devices", fix="drop --devices, or use an fp32 backend (auto, torch, onnx, openvino)")
         if self.dtype not in DTYPES:
             raise EmbedforgeError(f"Unknown dtype {self.dtype!r}", where="--dtype", fix=f"use one of {', '.join(DTYPES)}")
         if self.index not in INDEX_KINDS:
@@ -259,9 +262,21 @@ def vector_identity(model_name: str, encode_backend: str) -> str:
     return model_identity(model_name) + (f"+{key}" if key else "")
 
 
+def _backend_used(model, plan: _Plan) -> str:
+    """What encoded the stored vectors; with nothing to encode the model was never opened, and the
+    shard identity (which carries a backend with other vectors) says it."""
+    if model is not None:
+        return getattr(model, "encode_backend", "torch")
+    if plan.identity.endswith("+onnx-int8"):
+        return "onnx-int8"
+    return (plan.previous or {}).get("encode_backend", "torch")
+
+
 def _open_model(model_name: str, settings: ReindexSettings, model=None):
     """The model, and a multi-process pool when several devices are named (one process each)."""
     devices = list(settings.devices)
+    if model is not None and vectors_key(getattr(model, "encode_backend", "torch")) != vectors_key(settings.encode_backend):
+        raise ValueError(f"the given model encodes with {getattr(model, 'encode_backend', 'torch')}, the settings say {settings.encode_backend}")
     if model is None:
         # Several encoding processes each load the model themselves, on torch.
         backend = settings.encode_backend if len(devices) <= 1 else "torch"
@@ -354,7 +369,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
         "model": model_name,
         "model_path": resolve_model(model_name),
         "model_identity": plan.identity,
-        "encode_backend": getattr(model, "encode_backend", "torch"),
+        "encode_backend": _backend_used(model, plan),
         "dtype": settings.dtype,
         "dimension": int(vectors.shape[1]),
         "count": len(entries),

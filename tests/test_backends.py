@@ -99,3 +99,44 @@ def test_a_backend_that_is_not_installed_is_a_clear_error_before_any_work(tiny_m
     assert load_model(tiny_model, backend="auto", cache_dir=tmp_path).encode_backend == "torch"  # auto needs nothing extra
     with pytest.raises(EmbedforgeError, match="Unknown encode backend"):
         backends.check_backend("tensorrt")
+
+
+def test_hub_names_that_share_a_prefix_get_their_own_export_folders(tmp_path):
+    first = backends.export_folder(str(tmp_path / "absent"), "hub:sentence-transformers/all-mpnet-base-v1", "onnx", tmp_path)
+    second = backends.export_folder(str(tmp_path / "absent"), "hub:sentence-transformers/all-mpnet-base-v2", "onnx", tmp_path)
+    assert first != second and first.parent.parent == second.parent.parent == tmp_path / "backends"
+
+
+def test_a_shipped_export_is_used_only_for_the_weights_it_was_made_from(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    backends.save_with_model(load_model(str(folder)), folder)
+    assert backends.export_folder(str(folder), "sha256:x", "onnx", tmp_path / "cache") == folder / "onnx"
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the model changed after its export
+    assert backends.export_folder(str(folder), "sha256:x", "onnx", tmp_path / "cache") == tmp_path / "cache" / "backends" / "x" / "onnx"
+
+
+def test_a_second_process_that_finishes_later_keeps_the_first_export(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    model = load_model(tiny_model)
+    folder = tmp_path / "export"
+    real = backends._export
+
+    def first_process_finishes_meanwhile(model, backend, partial):
+        inputs = real(model, backend, partial)
+        folder.mkdir()
+        (folder / "check.json").write_text(json.dumps({"version": backends.EXPORT_VERSION, "by": "the other process"}))
+        return inputs
+
+    monkeypatch.setattr(backends, "_export", first_process_finishes_meanwhile)
+    assert backends.ensure_export(model, "onnx", folder)["by"] == "the other process"
+    assert not list(tmp_path.glob("export.partial-*"))
+    abandoned = tmp_path / "export2.partial-999999999"  # a pid no process has
+    abandoned.mkdir()
+    monkeypatch.setattr(backends, "_export", real)
+    backends.ensure_export(model, "onnx", tmp_path / "export2")
+    assert not abandoned.exists() and (tmp_path / "export2" / "check.json").exists()

@@ -223,3 +223,9 @@ def test_an_fp32_backend_reuses_torch_shards_while_int8_reencodes_and_search_fol
     assert json.loads((folder / "manifest.json").read_text())["encode_backend"] == "onnx-int8"
     hits = reindexing.search(folder, PLANTED["text"], k=1, cache_dir=tmp_path / "cache")
     assert hits[0].id == "planted"
+    # A rerun with nothing to encode (a passage removed) never opens the model; the index stays searchable.
+    assert reindexing.reindex(tiny_model, passages[1:], folder, replace(settings, encode_backend="onnx-int8")).encoded == 0
+    assert json.loads((folder / "manifest.json").read_text())["encode_backend"] == "onnx-int8"
+    assert reindexing.search(folder, PLANTED["text"], k=1, cache_dir=tmp_path / "cache")[0].id == "planted"
+    with pytest.raises(EmbedforgeError, match="encodes in one process"):
+        reindexing.reindex(tiny_model, passages, folder, replace(settings, encode_backend="onnx-int8", devices=("cpu", "cpu")))

@@ -78,7 +78,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
     if len(set(labels)) != len(labels):
         raise ValueError(f"model labels must be unique: {labels}")
     reference_label = labels[0]
-    results = {"reference": reference_label, "metrics_version": METRICS_VERSION, "encode_backend": encode_backend, "eval_sets": {}}
+    results = {"reference": reference_label, "metrics_version": METRICS_VERSION, "eval_sets": {}}
     for eval_set in eval_sets:
         graded = any(grade > 1 for docs in eval_set.qrels.values() for grade in docs.values())
         check = contamination(train_rows, eval_set) if train_rows is not None else None
