@@ -161,9 +161,15 @@ def ensure_export(model, backend: str, folder: Path, weights_sha256: str | None 
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        with warnings.catch_warnings():  # the exporters' deprecation notes are for us, not for a user
+        # The exporters' deprecation notes and the fusions' per-operator log lines are for us, not
+        # for a user; errors still show.
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inputs = _export(model, backend, partial)
+            logging.disable(logging.WARNING)
+            try:
+                inputs = _export(model, backend, partial)
+            finally:
+                logging.disable(logging.NOTSET)
         check = {"version": EXPORT_VERSION, "backend": backend, "inputs": inputs, **_compare(model, backend, partial, inputs)}
         check["export_seconds"] = round(time.perf_counter() - started, 2)
         if weights_sha256:
@@ -276,13 +282,8 @@ def _quantize(source: Path, target: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.disable(logging.INFO)  # the quantizer logs a line per tensor on the root logger
-    try:
-        # The fused operators carry no type information; their outputs are float.
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    finally:
-        logging.disable(logging.NOTSET)
+    # The fused operators carry no type information; their outputs are float.
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _fuse(path: Path, config) -> None:

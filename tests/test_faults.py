@@ -478,7 +478,9 @@ def test_timeouts_advise_the_timeout_flag(fake_openai):
 
 def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path, corpus, tiny_model, fake_openai):
     fake_openai.responder = passage_responder
-    fake_openai.latency = 0.5
+    # Slow answers keep the stage running well past the first request: on a loaded machine this
+    # process can be descheduled long enough for a faster stage to finish before the signal.
+    fake_openai.latency = 3.0
     process = subprocess.Popen([sys.executable, "-m", "embedforge", *map(str, generate_args(tmp_path, fake_openai, tiny_model, corpus))],
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
