@@ -16,6 +16,7 @@ transformers < 4.58; this module needs only `onnxruntime` + `onnx` (or `openvino
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -24,6 +25,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -163,7 +166,7 @@ def ensure_export(model, backend: str, folder: Path, weights_sha256: str | None 
     try:
         # The exporters' deprecation notes and the fusions' per-operator log lines are for us, not
         # for a user; errors still show.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _interrupt_survives():
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)
             try:
@@ -196,6 +199,31 @@ def ensure_export(model, backend: str, folder: Path, weights_sha256: str | None 
         shutil.rmtree(partial, ignore_errors=True)
     logger.info("exported to %s in %.1fs: max |difference| to torch %.2e, %.2fx its speed", backend, check["export_seconds"], check["max_abs_diff"], check["speedup"])
     return check
+
+
+@contextlib.contextmanager
+def _interrupt_survives():
+    """The exporters call Python code from C++ and catch whatever it raises, KeyboardInterrupt
+    too (a Ctrl-C 1.5 s into an OpenVINO export was lost and the run went on): a Ctrl-C during
+    the export is raised again once it returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def remember(signum, frame):
+        received.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _remove_abandoned_partials(folder: Path) -> None:

@@ -140,3 +140,25 @@ def test_a_second_process_that_finishes_later_keeps_the_first_export(tiny_model,
     monkeypatch.setattr(backends, "_export", real)
     backends.ensure_export(model, "onnx", tmp_path / "export2")
     assert not abandoned.exists() and (tmp_path / "export2" / "check.json").exists()
+
+
+def test_ctrl_c_during_an_export_is_not_lost_in_the_exporter(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import os
+    import signal
+    import time
+
+    real = backends._export
+
+    def swallowing(model, backend, folder):
+        try:  # what an exporter that catches everything its Python callbacks raise does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except BaseException:
+            pass
+        return real(model, backend, folder)
+
+    monkeypatch.setattr(backends, "_export", swallowing)
+    with pytest.raises(KeyboardInterrupt):
+        load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
+    assert not list(tmp_path.glob("backends/*/*"))
