@@ -481,7 +481,9 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path, corpus, tiny_model, f
     # Slow answers keep the stage running well past the first request: on a loaded machine this
     # process can be descheduled long enough for a faster stage to finish before the signal.
     fake_openai.latency = 3.0
-    process = subprocess.Popen([sys.executable, "-m", "embedforge", *map(str, generate_args(tmp_path, fake_openai, tiny_model, corpus))],
+    # torch: no export before the stage (a Ctrl-C during an export is tests/test_backends.py's).
+    arguments = [*map(str, generate_args(tmp_path, fake_openai, tiny_model, corpus)), "--encode-backend", "torch"]
+    process = subprocess.Popen([sys.executable, "-m", "embedforge", *arguments],
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not fake_openai.requests:
