@@ -30,11 +30,15 @@ test: setup
 # "skipped" and exits 0); the failures are listed, and make fails, at the end. quality.py runs the
 # whole pipeline (20+ minutes on a laptop CPU): here with the human queries.
 bench: setup
-	@failed=""; \
+	@failed=""; began=$$(date +%s); \
 	for script in $(filter-out benchmarks/quality.py,$(wildcard benchmarks/*.py)); do \
-	  echo "== $$script"; $(OFFLINE) $(BIN)/python $$script || failed="$$failed $$script"; \
+	  echo "== $$script"; started=$$(date +%s); $(OFFLINE) $(BIN)/python $$script || failed="$$failed $$script"; \
+	  echo "== $$script: $$(( $$(date +%s) - started )) s"; \
 	done; \
-	echo "== benchmarks/quality.py"; $(OFFLINE) $(BIN)/python benchmarks/quality.py ../shared/data/nfcorpus --queries-from human || failed="$$failed benchmarks/quality.py"; \
+	echo "== benchmarks/quality.py"; started=$$(date +%s); \
+	$(OFFLINE) $(BIN)/python benchmarks/quality.py ../shared/data/nfcorpus --queries-from human || failed="$$failed benchmarks/quality.py"; \
+	echo "== benchmarks/quality.py: $$(( $$(date +%s) - started )) s"; \
+	echo "== make bench: $$(( $$(date +%s) - began )) s"; \
 	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
 
 clean:

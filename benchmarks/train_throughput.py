@@ -12,7 +12,7 @@ The second part trains a few steps at batch 128 with the plain and the cached (G
 mini-batch 32) loss and compares the peak memory each adds on top of the loaded model (CUDA:
 torch's peak allocation; CPU: peak resident set size minus the size before training).
 
-Default size: 100 steps of batch 32 per measurement, 2 alternating rounds.
+Default size: 50 steps of batch 32 per measurement, 2 alternating rounds.
 Ends with `RESULT ratio=<ours/plain samples per s> cached_peak_ratio=<cached/plain peak memory>`.
 Goal: ratio >= 0.95.
 """
@@ -129,7 +129,7 @@ def measure(kind: str, rows_file: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--steps", type=int, default=100, help="training steps per measurement (batch 32)")
+    parser.add_argument("--steps", type=int, default=50, help="training steps per measurement (batch 32)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating (ours, plain) measurements")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
