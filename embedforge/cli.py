@@ -210,7 +210,7 @@ def init(directory: Path = typer.Argument(Path("."), help="where to write embedf
 
 @app.command()
 def reindex(model: str = typer.Option(..., "--model", help="the model to embed with: a sentence-transformers folder (e.g. runs/NAME/train/model) or a name"),
-            corpus: Path = typer.Option(..., "--corpus", help="BEIR folder, JSONL/CSV file or folder of .txt/.md"),
+            corpus: Path = typer.Option(..., "--corpus", help=_field_info("corpus").description),
             out: Path = typer.Option(..., "--out", help="the index folder: shards, FAISS index, manifest"),
             shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="passages per shard, the unit of resuming after a kill"),
             dtype: str = typer.Option("float32", "--dtype", help="stored vectors: float32 or float16"),
@@ -223,13 +223,20 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
     """Embed a corpus with a (fine-tuned) model into an index folder: resumable, and incremental on rerun."""
     from embedforge import reindex as reindexing
     from embedforge.config import CorpusConfig
-    from embedforge.corpus import load_corpus
+    from embedforge.corpus import describe as describe_corpus
+    from embedforge.corpus import check_source, read_corpus
+    from embedforge.embeddings import load_model
 
     _setup_logging()
     settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices),
                                           encode_backend=encode_backend, cache=cache)
     settings.check()  # before the corpus is read: a typo should not cost a corpus load
-    passages = load_corpus(CorpusConfig(corpus=corpus))
+    check_source(corpus)
+    encoder = load_model(model)  # for its tokenizer: a raw corpus is cut as a run cuts it
+    passages, report = read_corpus(CorpusConfig(corpus=corpus), encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))
+    del encoder
+    for line in describe_corpus(report):
+        typer.echo(f"corpus: {line}")
     if dry_run:
         typer.echo(reindexing.estimate(model, passages, out, settings).render())
         return

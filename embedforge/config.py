@@ -32,11 +32,14 @@ class _Frozen(BaseModel):
 
 
 class CorpusConfig(_Frozen):
-    corpus: Path | None = Field(None, description="BEIR folder, JSONL/CSV file or folder of .txt/.md; empty = Python stdlib docs")
+    corpus: Path | None = Field(None, description="BEIR folder; .jsonl/.csv/.parquet/.arrow file; saved datasets folder; folder or file of .txt/.md/.pdf/.html; empty = Python stdlib docs")
     id_field: str = "_id"
     text_field: str = "text"
     title_field: str = "title"
-    chunk_words: int = Field(160, ge=16, description="passage size, in words, when chunking documents")
+    chunk_tokens: int | None = Field(None, ge=0, description="cut longer records into passages of at most this many tokens of the base model; empty = its max_seq_length minus the title; 0 = never cut (a BEIR corpus is cut only when this is set)")
+    chunk_overlap_tokens: int = Field(0, ge=0, description="tokens a cut passage repeats from the end of the one before it")
+    chunk_words: int | None = Field(None, ge=16, description="deprecated: cut into windows of this many words instead of by tokens")
+    skip_bad_files: bool = Field(False, description="skip documents without usable text (encrypted or image-only PDF, HTML without text, not UTF-8) and list them, instead of stopping")
     max_passages: int | None = Field(None, ge=1, description="keep at most this many passages (chosen by id hash)")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, read_json, sha256_json, sha256_path, write_json
+from embedforge.text import passage_text  # noqa: F401 (the stages import it from here, with the encoders)
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,6 @@ def load_model(name_or_path: str, max_seq_length: int | None = None, device: str
 
         model.encode_backend = attach(model, resolved, model_identity(name_or_path), backend, cache_dir)
     return model
-
-
-def passage_text(passage: dict) -> str:
-    title = passage.get("title") or ""
-    return f"{title} {passage['text']}".strip()
 
 
 # On a CPU, a batch of long texts costs more per text than several small batches do (the

@@ -29,7 +29,8 @@ from embedforge import mine as mine_stage
 from embedforge import train as train_stage
 from embedforge.backends import vectors_key
 from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
-from embedforge.corpus import load_corpus, read_qrels, split_of
+from embedforge.corpus import describe as describe_corpus
+from embedforge.corpus import check_source, read_corpus, read_qrels, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
 from embedforge.files import (FolderLock, check_writable_folder, iter_jsonl, process_rank, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl,
@@ -161,6 +162,7 @@ class Run:
         from embedforge.prompts import load_prompt
 
         generate = self.config.generate
+        check_source(self.config.corpus.corpus)
         load_prompt(generate.prompt)
         for path, flag in ((generate.examples, "--examples"), (generate.queries, "--queries")):
             if path and not Path(path).exists():
@@ -180,7 +182,8 @@ class Run:
         """Normalize the corpus into corpus.jsonl; True when that changes it. A dry run writes nothing."""
         if process_rank() != 0:
             return False  # rank 0 normalizes the corpus; the others read what it wrote
-        passages = load_corpus(self.config.corpus)
+        # Cut by the base model's own tokens, to what its encoder reads (title and prompt included).
+        passages, report = read_corpus(self.config.corpus, self.base_model.tokenizer, self.base_model.max_seq_length, encoder_prompts(self.config).get("document", ""))
         corpus_path = self.path(CORPUS)
         changed = not corpus_path.exists() or sha256_json(list(iter_jsonl(corpus_path))) != sha256_json(passages)
         self.__dict__["passages"] = passages
@@ -190,6 +193,10 @@ class Run:
         write_text(self.dir / "config.toml", config_toml(self.config))
         if changed:
             write_jsonl(corpus_path, passages)
+        self.manifest["corpus"] = report
+        write_json(self.manifest_path, self.manifest)
+        for line in describe_corpus(report):
+            self.echo(f"corpus: {line}")
         self.echo(f"corpus: {len(passages)} passages -> {corpus_path}")
         return changed
 

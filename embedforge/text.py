@@ -18,3 +18,9 @@ def format_duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def passage_text(passage: dict) -> str:
+    """What an encoder reads for a passage: its title, a space, its text."""
+    title = passage.get("title") or ""
+    return f"{title} {passage['text']}".strip()

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from embedforge.config import CorpusConfig, DEFAULT_PROMPT, PROMPTS_DIR
-from embedforge.corpus import load_corpus, split_of, stdlib_passages
+from embedforge.corpus import load_corpus, split_of, stdlib_records
 from embedforge.errors import EmbedforgeError
 from embedforge.prompts import load_prompt, render_messages
 
@@ -55,7 +55,7 @@ def test_folder_chunks_with_stable_ids(tmp_path):
     write(tmp_path / "docs" / "sub" / "a.md", " ".join(f"w{i}" for i in range(40)))
     write(tmp_path / "docs" / "b.txt", "short text")
     passages = load_corpus(CorpusConfig(corpus=tmp_path / "docs", chunk_words=16))
-    assert [p["_id"] for p in passages] == ["b.txt#0", "sub/a.md#0", "sub/a.md#1", "sub/a.md#2"]
+    assert [p["_id"] for p in passages] == ["b.txt", "sub/a.md#0", "sub/a.md#1", "sub/a.md#2"]
 
 
 @pytest.mark.parametrize(
@@ -91,8 +91,8 @@ def test_stdlib_docs_are_parsed_not_imported():
     import sys
 
     before = set(sys.modules)
-    passages = stdlib_passages(160)
-    assert len(passages) > 1000
+    passages = stdlib_records()
+    assert len(passages) > 1000 and len({p["_id"] for p in passages}) == len(passages)
     assert any(p["title"] == "json.dumps" for p in passages)
     assert "antigravity" not in set(sys.modules) - before and "this" not in set(sys.modules) - before
 
