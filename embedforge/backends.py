@@ -90,7 +90,7 @@ def attach(model, model_folder: str, identity: str, backend: str, cache_dir: Pat
             if backend != "auto":
                 raise
             logger.warning("encode backend %s is unusable for this model (%s); auto goes on without it", name, error)
-    usable = {name: check for name, check in checks.items() if name == "onnx-int8" or check["max_abs_diff"] <= AGREEMENT}
+    usable = {name: check for name, check in checks.items() if agrees(check)}
     if backend != "auto" and backend not in usable:
         raise EmbedforgeError(
             f"The {backend} export of this model disagrees with torch (max |difference| {checks[backend]['max_abs_diff']:.2e} > {AGREEMENT:g})",
@@ -112,6 +112,12 @@ def attach(model, model_folder: str, identity: str, backend: str, cache_dir: Pat
         logger.info("encoding with %s (%.2fx torch when it was exported)", name, usable[name]["speedup"])
         return name
     return "torch"
+
+
+def agrees(check: dict) -> bool:
+    """Whether an export may stand in for torch: an fp32 one within AGREEMENT of its vectors
+    (int8 changes the vectors by design, and its vectors are keyed apart)."""
+    return check["backend"] == "onnx-int8" or check["max_abs_diff"] <= AGREEMENT
 
 
 def export_folder(model_folder: str, identity: str, backend: str, cache_dir: Path | None) -> Path:
@@ -159,20 +165,22 @@ def ensure_export(model, backend: str, folder: Path, weights_sha256: str | None 
     if check is not None:
         return check
     started = time.perf_counter()
-    _remove_abandoned_partials(folder)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        # Inside the try: an unwritable cache is an export failure (auto goes on with torch), not a crash.
+        _remove_abandoned_partials(folder)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         # The exporters' deprecation notes and the fusions' per-operator log lines are for us, not
         # for a user; errors still show.
         with warnings.catch_warnings(), _interrupt_survives():
             warnings.simplefilter("ignore")
-            logging.disable(logging.WARNING)
+            disabled = logging.root.manager.disable
+            logging.disable(max(disabled, logging.WARNING))
             try:
                 inputs = _export(model, backend, partial)
             finally:
-                logging.disable(logging.NOTSET)
+                logging.disable(disabled)
         check = {"version": EXPORT_VERSION, "backend": backend, "inputs": inputs, **_compare(model, backend, partial, inputs)}
         check["export_seconds"] = round(time.perf_counter() - started, 2)
         if weights_sha256:
@@ -206,11 +214,13 @@ def _interrupt_survives():
     """The exporters call Python code from C++ and catch whatever it raises, KeyboardInterrupt
     too (a Ctrl-C 1.5 s into an OpenVINO export was lost and the run went on): a Ctrl-C during
     the export is raised again once it returns."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous is signal.SIG_IGN:
+        # Off the main thread no handler can be set; an ignored Ctrl-C stays ignored; a handler
+        # installed from C cannot be put back from Python.
         yield
         return
     received = []
-    previous = signal.getsignal(signal.SIGINT)
 
     def remember(signum, frame):
         received.append(signum)

@@ -284,12 +284,17 @@ def save_model(model, folder: Path, base_model: str, config: TrainConfig, stats:
 
 
 def _ship_onnx_export(model, folder: Path, encode_backend: str) -> dict | None:
-    from embedforge.backends import installed, save_with_model
+    from embedforge.backends import AGREEMENT, agrees, installed, save_with_model
 
     if encode_backend not in ("auto", "onnx", "onnx-int8") or not installed("onnx") or str(model.device) != "cpu":
-        return None  # on a GPU, encoding stays on torch
+        return None  # the runs that would use it encode on torch: it would only be exported for nothing
     try:
-        return save_with_model(model, folder)
+        check = save_with_model(model, folder)
+        if not agrees(check):
+            shutil.rmtree(folder / "onnx", ignore_errors=True)  # never ship what evaluation would refuse
+            raise EmbedforgeError(f"The ONNX export of the fine-tuned model disagrees with torch (max |difference| {check['max_abs_diff']:.2e} > {AGREEMENT:g})",
+                                  where=str(folder), fix="use --encode-backend torch, and report the model")
+        return check
     except EmbedforgeError as error:
         if encode_backend != "auto":
             raise

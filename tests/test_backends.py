@@ -162,3 +162,53 @@ def test_ctrl_c_during_an_export_is_not_lost_in_the_exporter(tiny_model, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
     assert not list(tmp_path.glob("backends/*/*"))
+
+
+def test_a_fine_tuned_model_never_ships_an_export_that_disagrees(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from embedforge import train
+
+    real = backends.load_runner
+    monkeypatch.setattr(backends, "load_runner", lambda backend, folder: (lambda feeds, run=real(backend, folder): run(feeds) + 0.01))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    model = load_model(str(folder))
+    with pytest.raises(EmbedforgeError, match="disagrees with torch"):
+        train._ship_onnx_export(model, folder, "onnx")
+    assert not (folder / "onnx").exists()
+    assert train._ship_onnx_export(model, folder, "auto") is None and not (folder / "onnx").exists()
+
+
+def test_an_unwritable_cache_leaves_auto_on_torch(tiny_model, tmp_path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    assert load_model(tiny_model, backend="auto", cache_dir=blocked).encode_backend == "torch"
+    with pytest.raises(EmbedforgeError, match="Exporting the model to onnx failed"):
+        load_model(tiny_model, backend="onnx", cache_dir=blocked)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_an_export():
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with backends._interrupt_survives():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_export_keeps_the_callers_logging_switched_off(tiny_model, tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(backends, "_export", lambda model, backend, folder: [])
+    monkeypatch.setattr(backends, "_compare", lambda model, backend, folder, inputs: {"max_abs_diff": 0.0, "speedup": 1.0})
+    logging.disable(logging.CRITICAL)
+    try:
+        backends.ensure_export(load_model(tiny_model), "onnx", tmp_path / "onnx")
+        assert logging.root.manager.disable == logging.CRITICAL
+    finally:
+        logging.disable(logging.NOTSET)
