@@ -36,7 +36,7 @@ class CorpusConfig(_Frozen):
     id_field: str = "_id"
     text_field: str = "text"
     title_field: str = "title"
-    chunk_tokens: int | None = Field(None, ge=0, description="cut longer records into passages of at most this many tokens of the base model; empty = its max_seq_length minus the title; 0 = never cut (a BEIR corpus is cut only when this is set)")
+    chunk_tokens: int | None = Field(None, ge=0, description="cut longer records into passages of at most this many tokens of the base model, title and prompt included; empty = its max_seq_length; 0 = never cut (a BEIR corpus, and then every --eval-set, is cut only when this is set)")
     chunk_overlap_tokens: int = Field(0, ge=0, description="tokens a cut passage repeats from the end of the one before it")
     chunk_words: int | None = Field(None, ge=16, description="deprecated: cut into windows of this many words instead of by tokens")
     skip_bad_files: bool = Field(False, description="skip documents without usable text (encrypted or image-only PDF, HTML without text, not UTF-8) and list them, instead of stopping")

@@ -78,7 +78,7 @@ def read_corpus(config: CorpusConfig, tokenizer=None, max_seq_length: int | None
     if cut_records:
         passages = chunk_records(records, config, tokenizer, max_seq_length, document_prompt, report)
     else:
-        passages = [_passage(record, record["_id"], 0, len(record["text"])) for record in records]
+        passages = [_passage(record) for record in records]
         report.update(records_cut=0, chunking="off: a BEIR corpus is kept as it is (pass --chunk-tokens N to cut it)")
     _check_unique(passages, where)
     if not passages:
@@ -240,39 +240,46 @@ def chunk_records(records: list[dict], config: CorpusConfig, tokenizer, max_seq_
     """Passages from records: a record that fits the encoder stays whole under its own id; a longer
     one is cut into `<id>#0`, `<id>#1`, ... by the tokenizer's tokens (or, with the deprecated
     --chunk-words, into word windows). Without a tokenizer, records stay whole."""
+    return [passage for pieces in cut_records(records, config, tokenizer, max_seq_length, document_prompt, report) for passage in pieces]
+
+
+def cut_records(records: list[dict], config: CorpusConfig, tokenizer, max_seq_length: int | None, document_prompt: str, report: dict) -> list[list[dict]]:
+    """`chunk_records`, record by record: the passages each record became."""
+
+    def named(record: dict, pieces: list[dict]) -> list[dict]:
+        if len(pieces) == 1:
+            return [{**pieces[0], "_id": record["_id"]}]
+        return [{**piece, "_id": f"{record['_id']}#{n}"} for n, piece in enumerate(pieces)]
+
     if config.chunk_words:
-        passages, cut = [], 0
-        for record in records:
-            windows = word_windows(record["text"], config.chunk_words)
-            cut += len(windows) > 1
-            passages.extend(_passage(record, record["_id"] if len(windows) == 1 else f"{record['_id']}#{n}", text=w) for n, w in enumerate(windows))
-        report.update(records_cut=cut, chunking=f"{config.chunk_words} words (deprecated --chunk-words)")
-        return passages
+        cut = [named(record, [_passage(record, text=window) for window in word_windows(record["text"], config.chunk_words)]) for record in records]
+        report.update(records_cut=sum(len(pieces) > 1 for pieces in cut), chunking=f"{config.chunk_words} words (deprecated --chunk-words)")
+        return cut
     if tokenizer is None or config.chunk_tokens == 0:
         report.update(records_cut=0, chunking="off" if config.chunk_tokens == 0 else "off: no tokenizer")
-        return [_passage(record, record["_id"], 0, len(record["text"])) for record in records]
+        return [[_passage(record)] for record in records]
     if not getattr(tokenizer, "is_fast", False):
         raise EmbedforgeError("The base model's tokenizer gives no token offsets (it is not a 'fast' tokenizer), so passages cannot be cut by tokens",
                               where=str(getattr(tokenizer, "name_or_path", "")), fix="pass --chunk-tokens 0 (no cutting) or --chunk-words N")
     room = tokenizer.num_special_tokens_to_add(False) + (len(tokenizer(document_prompt, add_special_tokens=False)["input_ids"]) if document_prompt else 0)
-    passages, cut = [], 0
-    batch = 256
+    cut, batch = [], 256
     for start in tqdm(range(0, len(records), batch), desc="cutting passages by tokens", unit="batch", disable=None if len(records) > 5000 else True):
         group = records[start : start + batch]
         encoded = tokenizer([r["text"] for r in group], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         titles = tokenizer([r["title"] for r in group], add_special_tokens=False, verbose=False)["input_ids"]
         for record, offsets, title in zip(group, encoded["offset_mapping"], titles):
-            limit = config.chunk_tokens or max(8, (max_seq_length or 512) - room - len(title))
+            budget = config.chunk_tokens or max_seq_length or 512  # tokens as the encoder reads the passage
+            limit = max(8, budget // 4, budget - room - len(title))
             spans = token_spans(record["text"], offsets, limit, min(config.chunk_overlap_tokens, limit // 2))
-            cut += len(spans) > 1
-            passages.extend(_passage(record, record["_id"] if len(spans) == 1 else f"{record['_id']}#{n}", a, b) for n, (a, b) in enumerate(spans))
-    report.update(records_cut=cut, chunking={"chunk_tokens": config.chunk_tokens or f"max_seq_length ({max_seq_length}) - title - {room}",
-                                             "chunk_overlap_tokens": config.chunk_overlap_tokens, "tokenizer": str(getattr(tokenizer, "name_or_path", ""))})
-    return passages
+            cut.append(named(record, [_passage(record, a, b) for a, b in spans]))
+    report.update(records_cut=sum(len(pieces) > 1 for pieces in cut),
+                  chunking={"chunk_tokens": config.chunk_tokens or max_seq_length, "room": f"title + {room}",
+                            "chunk_overlap_tokens": config.chunk_overlap_tokens, "tokenizer": str(getattr(tokenizer, "name_or_path", ""))})
+    return cut
 
 
-def _passage(record: dict, identifier: str, start: int = 0, end: int | None = None, text: str | None = None) -> dict:
-    passage = {"_id": identifier, "title": record["title"], "text": (text if text is not None else record["text"][start:end]).strip()}
+def _passage(record: dict, start: int = 0, end: int | None = None, text: str | None = None) -> dict:
+    passage = {"_id": record["_id"], "title": record["title"], "text": (text if text is not None else record["text"][start:end]).strip()}
     if record.get("page_starts"):
         end = len(record["text"]) if end is None else end
         passage["metadata"] = {"pages": pages_of(record["page_starts"], start, end) if text is None else [n for _, n in record["page_starts"]]}

@@ -30,7 +30,7 @@ from embedforge import train as train_stage
 from embedforge.backends import vectors_key
 from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
 from embedforge.corpus import describe as describe_corpus
-from embedforge.corpus import check_source, read_corpus, read_qrels, split_of
+from embedforge.corpus import check_source, cut_records, read_corpus, read_qrels, split_of
 from embedforge.errors import EmbedforgeError
 from embedforge.llm import strip_credentials
 from embedforge.files import (FolderLock, check_writable_folder, iter_jsonl, process_rank, read_json, sha256_file, sha256_json, sha256_path, write_json, write_jsonl,
@@ -213,6 +213,8 @@ class Run:
             shared["encoder_prompts"] = encoder_prompts(config)
         if vectors_key(config.encode_backend):  # only a backend whose vectors differ from torch's changes results
             shared["encode_backend"] = vectors_key(config.encode_backend)
+        if stage == "evaluate" and config.corpus.chunk_tokens:  # labelled eval sets are then cut too (see _cut_as_asked)
+            shared["eval_set_chunking"] = [config.corpus.chunk_tokens, config.corpus.chunk_overlap_tokens]
         section = getattr(config, row.section)
         # Files are inputs: their contents count, not where they are.
         settings = {key: value for key, value in fingerprint_fields(section).items() if key not in row.file_fields}
@@ -306,7 +308,7 @@ class Run:
             self.path(EVAL_DIR), "test", passages=self.passages, name="synthetic-test",
             source="LLM-written queries for held-out test passages of this corpus",
         )
-        eval_sets = [synthetic] + [evaluate_stage.load_beir(folder) for folder in self.config.evaluate.eval_set]
+        eval_sets = [synthetic] + [self._cut_as_asked(evaluate_stage.load_beir(folder)) for folder in self.config.evaluate.eval_set]
         models = [("base", self.config.base_model), ("fine-tuned", str(self.path(MODEL).resolve()))]
         notes = ["synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set."]
         train_entry = self.manifest["stages"].get("train", {})
@@ -319,6 +321,16 @@ class Run:
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
             encode_backend=self.config.encode_backend,
         )
+
+    def _cut_as_asked(self, eval_set):
+        """With --chunk-tokens, a labelled eval set's documents are cut as the corpus is (its qrels
+        name documents: each scores what its best passage scores); without, they stay whole, as
+        published baselines score them."""
+        if not self.config.corpus.chunk_tokens:
+            return eval_set
+        model = self.base_model
+        return evaluate_stage.cut_documents(eval_set, lambda passages: cut_records(
+            passages, self.config.corpus, model.tokenizer, model.max_seq_length, encoder_prompts(self.config).get("document", ""), {}))
 
     def record(self, plan: StagePlan, entry: dict) -> None:
         if process_rank() != 0:

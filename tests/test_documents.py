@@ -261,3 +261,43 @@ def test_each_corpus_kind_runs_end_to_end(tmp_path, tiny_model, kind):
     assert report["documents"] == expected and report["passages"] == 40
     assert report["tokens"]["max"] <= report["tokens"]["max_seq_length"]
     assert any(line.startswith("corpus: read ") for line in lines) and any(line.startswith("corpus: passage length in tokens") for line in lines)
+
+
+def test_a_cut_eval_set_ranks_each_document_at_its_best_passage(tmp_path):
+    from embedforge.evaluate import EvalSet, bm25_retrieve, cut_documents, evaluate_model
+    from embedforge.evaluate.retrieval import _depth
+
+    documents = [
+        {"_id": "A", "title": "", "text": "granite quarry stone. violin bow strings music"},
+        {"_id": "B", "title": "", "text": "violin maker workshop"},
+        {"_id": "C", "title": "", "text": "river delta mud"},
+    ]
+    eval_set = EvalSet(name="labelled", source="test", passages=documents, queries={"q": "violin bow strings"}, qrels={"q": {"A": 1}}, sha256="x")
+
+    def halves(passages):  # cut A into its two sentences; keep the others whole
+        return [[{**p, "_id": "A#0", "text": "granite quarry stone."}, {**p, "_id": "A#1", "text": "violin bow strings music"}] if p["_id"] == "A" else [p] for p in passages]
+
+    cut = cut_documents(eval_set, halves)
+    assert cut.documents == {"A#0": "A", "A#1": "A", "B": "B", "C": "C"} and cut.sha256 != eval_set.sha256 and _depth(cut) == 4  # all 4 passages (fewer than TOP_K x 2)
+    assert cut_documents(eval_set, lambda passages: [[p] for p in passages]) is eval_set
+    assert bm25_retrieve(cut)["q"] == ["A", "B"]  # A once, at its best passage's place; C shares no word
+    result = evaluate_model("bm25", cut, tmp_path)
+    assert result["binary"]["ndcg@10"]["q"] == 1.0 and result["binary"]["recall@100"]["q"] == 1.0
+
+
+def test_imported_pairs_naming_a_cut_record_go_to_its_passages(tmp_path):
+    import json
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from embedforge.config import GenerateConfig
+    from embedforge.generate import import_pairs
+
+    passages = [{"_id": "d#0", "title": "", "text": "granite quarry stone cutting"}, {"_id": "d#1", "title": "", "text": "violin bow strings and music"},
+                {"_id": "e", "title": "", "text": "river delta mud"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "how are violin strings made", "passage_id": "d"}) + "\n" + json.dumps({"query": "what is in a river delta", "passage_id": "nope"}) + "\n")
+    accepted, rejects, stats = [], [], SimpleNamespace(rejected=Counter(), accepted=Counter())
+    import_pairs(pairs, passages, GenerateConfig(max_positives_per_query=1, dev_fraction=0.0, test_fraction=0.0), set(), accepted, rejects, stats)
+    assert [(row["passage_id"], row.get("known_only", False)) for row in accepted] == [("d#1", False), ("d#0", True)]
+    assert [(row["passage_id"], row["reason"]) for row in rejects] == [("nope", "import_unknown_passage")]

@@ -15,7 +15,7 @@ Modules: data (BEIR eval sets), metrics (pure IR metrics and paired statistics),
 stage (compare / evaluate), decision (the fine-tune-or-not helper).
 """
 
-from embedforge.evaluate.data import EvalSet, check_eval_set, eval_set_files, load_beir, read_qrels
+from embedforge.evaluate.data import EvalSet, check_eval_set, cut_documents, eval_set_files, load_beir, read_qrels
 from embedforge.evaluate.decision import Decision, decide, decide_for_run, measure_throughput
 from embedforge.evaluate.leaks import contamination
 from embedforge.evaluate.metrics import METRICS, ir_metrics, paired_bootstrap, randomization_p_value, verdict
@@ -25,7 +25,7 @@ from embedforge.evaluate.stage import HEADLINE, STAGE_VERSION, biggest_changes, 
 
 __all__ = [
     "BM25_MODEL", "Decision", "EvalSet", "HEADLINE", "METRICS", "METRICS_VERSION", "STAGE_VERSION", "TOP_K", "biggest_changes",
-    "bm25_retrieve", "check_eval_set", "compare", "contamination", "decide", "decide_for_run", "eval_set_files", "evaluate", "evaluate_model",
+    "bm25_retrieve", "check_eval_set", "compare", "contamination", "cut_documents", "decide", "decide_for_run", "eval_set_files", "evaluate", "evaluate_model",
     "ir_metrics", "load_beir", "measure_throughput", "paired_bootstrap", "randomization_p_value", "read_qrels",
     "render_chart", "render_report", "retrieve", "verdict", "versus_reference",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from embedforge.corpus import read_qrels
 from embedforge.errors import EmbedforgeError
@@ -18,6 +19,21 @@ class EvalSet:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     sha256: str
+    # Passage id -> the document (qrels id) it was cut from, when the documents were cut; a
+    # document then scores what its best passage scores.
+    documents: dict[str, str] | None = None
+
+
+def cut_documents(eval_set: EvalSet, cut: Callable[[list[dict]], list[list[dict]]]) -> EvalSet:
+    """The eval set with its documents cut into passages by `cut` (the passages of each document,
+    in order); the qrels still name documents. Unchanged when no document was cut."""
+    pieces = cut(eval_set.passages)
+    if all(len(parts) == 1 for parts in pieces):
+        return eval_set
+    documents = {part["_id"]: document["_id"] for document, parts in zip(eval_set.passages, pieces) for part in parts}
+    passages = [part for parts in pieces for part in parts]
+    digest = sha256_json({"eval_set": eval_set.sha256, "passages": sha256_json([[p["_id"], p.get("title", ""), p["text"]] for p in passages])})
+    return replace(eval_set, passages=passages, documents=documents, sha256=digest, source=eval_set.source + ", documents cut into passages, each scored by its best")
 
 
 def load_beir(folder: Path, split: str = "test", passages: list[dict] | None = None, name: str | None = None, source: str | None = None) -> EvalSet:

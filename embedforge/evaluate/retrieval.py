@@ -6,6 +6,7 @@ report's "gained most / lost most" examples can be rebuilt from the cache withou
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 from embedforge.backends import vectors_key
@@ -30,8 +31,25 @@ def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_s
     embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts, encode_backend=encode_backend)
     query_ids = list(eval_set.queries)
     query_vectors = encode_texts(model, [eval_set.queries[q] for q in query_ids], batch_size, kind="query")
-    _, indices = embeddings.search(query_vectors, TOP_K)
-    return {query: [embeddings.ids[i] for i in row if i >= 0] for query, row in zip(query_ids, indices)}
+    _, indices = embeddings.search(query_vectors, _depth(eval_set))
+    return _documents_ranked(eval_set, {query: [embeddings.ids[i] for i in row if i >= 0] for query, row in zip(query_ids, indices)})
+
+
+def _depth(eval_set: EvalSet) -> int:
+    """How many passages to rank so that TOP_K documents are among them: a document's best
+    passage comes before its others, so TOP_K times the most passages of one document is enough."""
+    if not eval_set.documents:
+        return TOP_K
+    most = max(collections.Counter(eval_set.documents.values()).values())
+    return min(TOP_K * most, len(eval_set.passages))
+
+
+def _documents_ranked(eval_set: EvalSet, ranked: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Ranked passages as ranked documents (each at the place of its best passage), when the
+    eval set's documents were cut; as they are otherwise."""
+    if not eval_set.documents:
+        return ranked
+    return {query: list(dict.fromkeys(eval_set.documents[passage] for passage in passages))[:TOP_K] for query, passages in ranked.items()}
 
 
 def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
@@ -49,11 +67,11 @@ def bm25_retrieve(eval_set: EvalSet, k: int = TOP_K) -> dict[str, list[str]]:
     retriever.index(bm25s.tokenize([passage_text(p) for p in eval_set.passages], **tokenize), show_progress=False)
     query_ids = list(eval_set.queries)
     query_tokens = bm25s.tokenize([eval_set.queries[q] for q in query_ids], return_ids=False, **tokenize)
-    documents, scores = retriever.retrieve(query_tokens, k=min(k, len(eval_set.passages)), show_progress=False)
+    documents, scores = retriever.retrieve(query_tokens, k=min(max(k, _depth(eval_set)), len(eval_set.passages)), show_progress=False)
     ids = [p["_id"] for p in eval_set.passages]
     # A passage sharing no term with the query scores 0: it was not retrieved, and the order among
     # such passages is arbitrary, so it is left out rather than ranked.
-    return {query: [ids[d] for d, s in zip(row, row_scores) if s > 0] for query, row, row_scores in zip(query_ids, documents, scores)}
+    return _documents_ranked(eval_set, {query: [ids[d] for d, s in zip(row, row_scores) if s > 0] for query, row, row_scores in zip(query_ids, documents, scores)})
 
 
 def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | None = None, encode_backend: str = "torch") -> str:

@@ -85,6 +85,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
         if check is not None and not check["clean"]:
             logger.warning("CONTAMINATION in %s: %d shared query texts, %d shared positives", eval_set.name, check["shared_query_texts"], check["shared_positives"])
         entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
+                 **({"documents": len(set(eval_set.documents.values()))} if eval_set.documents else {}),
                  "contamination": check, "models": {}}
         per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name), encode_backend) for label, name in models}
         reference = per_model[reference_label]

@@ -86,37 +86,47 @@ def import_pairs(path: Path, passages: list[dict], config: GenerateConfig, seen:
     the held-out sets, whose qrels would then miss most of its positives. In the train split, at
     most `max_positives_per_query` pairs of a query are trained on (chosen by hash); the others
     are kept as known positives (`known_only`), so mining never takes them for negatives.
+    A pair naming a record that the corpus cut into passages stands for each of them, the one
+    sharing most words with the query first (the one trained on when the cap leaves one).
     """
     text_of = {p["_id"]: p["text"] for p in passages}
-    by_query: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    pieces_of = _pieces_by_record(passages)
+    by_query: dict[str, list[tuple[str, str, bool]]] = defaultdict(list)
 
     def reject(text: str, passage_id: str, reason: str) -> None:
         stats.rejected[reason] += 1
         rejects.append({"passage_id": passage_id, "split": None, "text": text, "reason": reason, "request_sha": None, "imported": True})
 
-    for text, passage_id in read_pairs(path):
-        if passage_id not in text_of:
-            reject(text, passage_id, "import_unknown_passage")
+    for text, named_id in read_pairs(path):
+        if named_id in text_of:
+            candidates = [named_id]
+        elif named_id in pieces_of:
+            # A record the corpus cut into passages: each of them belongs to the relevant record; the
+            # one sharing most words with the query comes first, so it is the one trained on.
+            candidates = sorted(pieces_of[named_id], key=lambda piece: -shared_words(text, text_of[piece]))
+        else:
+            reject(text, named_id, "import_unknown_passage")
             continue
-        reason = reject_reason(text, text_of[passage_id], config) if config.filter_imports else None
-        if reason:
-            reject(text, passage_id, reason)
-            continue
-        key = normalize_text(text) + "\t" + passage_id
-        if key in seen:
-            reject(text, passage_id, "duplicate")
-            continue
-        seen.add(key)
-        seen.add(normalize_text(text))  # generated queries must not repeat an imported one
-        by_query[normalize_text(text)].append((text, passage_id))
+        for order, passage_id in enumerate(candidates):
+            reason = reject_reason(text, text_of[passage_id], config) if config.filter_imports else None
+            if reason:
+                reject(text, passage_id, reason)
+                continue
+            key = normalize_text(text) + "\t" + passage_id
+            if key in seen:
+                reject(text, passage_id, "duplicate")
+                continue
+            seen.add(key)
+            seen.add(normalize_text(text))  # generated queries must not repeat an imported one
+            by_query[normalize_text(text)].append((text, passage_id, order == 0))
     cap = config.max_positives_per_query
     for normalized, pairs in by_query.items():
         split = split_of("query:" + normalized, config.dev_fraction, config.test_fraction)
         if split == "train" and cap is not None:
-            pairs = sorted(pairs, key=lambda pair: unit_hash(normalized + "\t" + pair[1]))
+            pairs = sorted(pairs, key=lambda pair: (not pair[2], unit_hash(normalized + "\t" + pair[1])))
         # Ids come from the pair itself, not from its line in the file: reordering the file keeps every id.
         query_hash = sha256_text(normalized)[:12]
-        for rank, (text, passage_id) in enumerate(pairs):
+        for rank, (text, passage_id, _) in enumerate(pairs):
             row = {"_id": f"{passage_id}-i{query_hash}", "text": text, "passage_id": passage_id, "split": split, "prompt_sha": None, "request_sha": None, "imported": True}
             if split == "train" and cap is not None and rank >= cap:
                 row["known_only"] = True
@@ -145,3 +155,17 @@ def write_eval_set(folder: Path, queries: list[dict]) -> None:
                 if query["split"] == split:
                     for passage in query["passages"]:
                         handle.write(f"{query['_id']}\t{passage}\t1\n")
+
+
+def _pieces_by_record(passages: list[dict]) -> dict[str, list[str]]:
+    """Record id -> the ids of the passages it was cut into (`<record id>#<n>`, in order)."""
+    pieces: dict[str, list[str]] = defaultdict(list)
+    for passage in passages:
+        record, mark, number = passage["_id"].rpartition("#")
+        if mark and number.isdigit():
+            pieces[record].append(passage["_id"])
+    return pieces
+
+
+def shared_words(query: str, text: str) -> int:
+    return len(set(normalize_text(query).split()) & set(normalize_text(text).split()))
