@@ -16,6 +16,7 @@ Keeps:  stable passage ids: a record's own id (a document's path relative to the
 from __future__ import annotations
 
 import ast
+import bisect
 import csv
 import hashlib
 import inspect
@@ -90,8 +91,9 @@ def read_corpus(config: CorpusConfig, tokenizer=None, max_seq_length: int | None
         kept_ids = {identifier for _, identifier in kept}
         passages = [p for p in passages if p["_id"] in kept_ids]
     report["passages"] = len(passages)
+    lengths = report.pop("_token_lengths", {})
     if tokenizer is not None:
-        report["tokens"] = _length_summary([passage_tokens(tokenizer, p, document_prompt) for p in passages], max_seq_length)
+        report["tokens"] = _length_summary([lengths.get(p["_id"]) or passage_tokens(tokenizer, p, document_prompt) for p in passages], max_seq_length)
     return passages, report
 
 
@@ -262,7 +264,7 @@ def cut_records(records: list[dict], config: CorpusConfig, tokenizer, max_seq_le
         raise EmbedforgeError("The base model's tokenizer gives no token offsets (it is not a 'fast' tokenizer), so passages cannot be cut by tokens",
                               where=str(getattr(tokenizer, "name_or_path", "")), fix="pass --chunk-tokens 0 (no cutting) or --chunk-words N")
     room = tokenizer.num_special_tokens_to_add(False) + (len(tokenizer(document_prompt, add_special_tokens=False)["input_ids"]) if document_prompt else 0)
-    cut, batch = [], 256
+    cut, batch, lengths = [], 256, report.setdefault("_token_lengths", {})
     for start in tqdm(range(0, len(records), batch), desc="cutting passages by tokens", unit="batch", disable=None if len(records) > 5000 else True):
         group = records[start : start + batch]
         encoded = tokenizer([r["text"] for r in group], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -271,7 +273,12 @@ def cut_records(records: list[dict], config: CorpusConfig, tokenizer, max_seq_le
             budget = config.chunk_tokens or max_seq_length or 512  # tokens as the encoder reads the passage
             limit = max(8, budget // 4, budget - room - len(title))
             spans = token_spans(record["text"], offsets, limit, min(config.chunk_overlap_tokens, limit // 2))
-            cut.append(named(record, [_passage(record, a, b) for a, b in spans]))
+            pieces = named(record, [_passage(record, a, b) for a, b in spans])
+            starts = [start for start, _ in offsets]
+            for piece, (a, b) in zip(pieces, spans):
+                # Counted from the offsets, so the report costs no second tokenization.
+                lengths[piece["_id"]] = bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a) + len(title) + room
+            cut.append(pieces)
     report.update(records_cut=sum(len(pieces) > 1 for pieces in cut),
                   chunking={"chunk_tokens": config.chunk_tokens or max_seq_length, "room": f"title + {room}",
                             "chunk_overlap_tokens": config.chunk_overlap_tokens, "tokenizer": str(getattr(tokenizer, "name_or_path", ""))})
@@ -310,9 +317,12 @@ def _length_summary(lengths: list[int], max_seq_length: int | None) -> dict:
     return summary
 
 
+_NOUNS = {"pdf": "PDF file", "html": "HTML page", "markdown": "Markdown file", "text": "text file"}
+
+
 def describe(report: dict) -> list[str]:
     """The report as lines for the screen."""
-    documents = ", ".join(f"{count} {kind}{'s' if count != 1 else ''}" for kind, count in report["documents"].items())
+    documents = ", ".join(f"{count} {_NOUNS.get(kind, kind)}{'s' if count != 1 else ''}" for kind, count in report["documents"].items()) or "no document"
     lines = [f"read {documents}; {report['passages']} passages ({report.get('records_cut', 0)} records cut)"]
     for reason, entry in report["skipped"].items():
         shown = ", ".join(entry["files"][:3]) + (", ..." if entry["count"] > 3 else "")

@@ -129,10 +129,20 @@ def read_html(path: Path, identifier: str) -> dict:
     import trafilatura
 
     logging.getLogger("trafilatura").setLevel(logging.ERROR)
-    # favor_recall: a short documentation page is content, not boilerplate to be dropped.
-    document = trafilatura.bare_extraction(path.read_bytes(), favor_recall=True, include_tables=True, include_comments=False, with_metadata=True,
+    import lxml.html
+
+    content = path.read_bytes()
+    # favor_recall: a short documentation page is content, not boilerplate to be dropped. No
+    # metadata: its date parsing took 3/4 of the time, and the title is read below.
+    document = trafilatura.bare_extraction(content, favor_recall=True, include_tables=True, include_comments=False, with_metadata=False,
                                            prune_xpath=_HTML_FURNITURE)
     text = (document.text if document is not None else "") or ""
     if not text.strip():
         raise BadFile("HTML without text", "the page has no readable text (only scripts or navigation?): remove it, or pass --skip-bad-files")
-    return {"_id": identifier, "title": (document.title or "").strip() or path.stem, "text": text.strip()}
+    try:
+        page = lxml.html.fromstring(content)
+        # The page's own heading names it; <title> often adds the site's name.
+        title = " ".join((page.findtext(".//h1") or page.findtext(".//title") or "").split())
+    except (ValueError, lxml.etree.ParserError):
+        title = ""
+    return {"_id": identifier, "title": title or path.stem, "text": text.strip()}

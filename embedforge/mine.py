@@ -28,25 +28,30 @@ from tqdm.auto import tqdm
 from embedforge.config import MineConfig
 from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
-from embedforge.text import normalize_text
+from embedforge.text import normalize_text, record_of
 
-STAGE_VERSION = 3  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives
-RULES = ("positive", "known_positive", "duplicate_text", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
+STAGE_VERSION = 4  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record
+RULES = ("positive", "known_positive", "duplicate_text", "same_record", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
 KEEP = 0  # rule code of a candidate no rule dropped; rule i of RULES has code i + 1
 _CODE = {rule: number for number, rule in enumerate(RULES, start=1)}
 
 
-def exclusion_codes(candidates: np.ndarray, positive: int, known: np.ndarray, text_group: np.ndarray, in_test: np.ndarray) -> np.ndarray:
+def exclusion_codes(candidates: np.ndarray, positive: int, known: np.ndarray, text_group: np.ndarray, in_test: np.ndarray,
+                    record_group: np.ndarray | None = None) -> np.ndarray:
     """Per candidate (corpus positions, ranked), the code of the first identity rule that drops it, else KEEP.
 
     `known` holds the positions of every known positive of the query, `text_group` a number per
-    normalized passage text, `in_test` the test-split passages.
+    normalized passage text, `record_group` a number per record that the corpus cut into
+    passages (the other passages of the positive's document speak of the same thing: likely
+    false negatives), `in_test` the test-split passages.
     """
     codes = np.zeros(len(candidates), dtype=np.int8)
+    same_record = record_group[candidates] == record_group[positive] if record_group is not None else np.zeros(len(candidates), dtype=bool)
     for rule, hit in (
         ("positive", candidates == positive),
         ("known_positive", np.isin(candidates, known)),
         ("duplicate_text", text_group[candidates] == text_group[positive]),
+        ("same_record", same_record),
         ("test_split", in_test[candidates]),
     ):
         codes[(codes == KEEP) & hit] = _CODE[rule]
@@ -134,6 +139,8 @@ def mine(
     groups: dict[str, int] = {}
     text_group = np.array([groups.setdefault(normalize_text(passages_by_id[i]["text"]), len(groups)) for i in embeddings.ids], dtype=np.int64)
     in_test = np.array([i in test_ids for i in embeddings.ids], dtype=bool)
+    records: dict[str, int] = {}
+    record_group = np.array([records.setdefault(record_of(i), len(records)) for i in embeddings.ids], dtype=np.int64)
     positives_of_text: dict[str, set[str]] = defaultdict(set)
     for query in queries:
         positives_of_text[normalize_text(query["text"])].add(query["passage_id"])
@@ -168,7 +175,7 @@ def mine(
             margin_reference = weakest_positive[normalized[row_number]]
         found = indices[slot[query["text"]]]
         candidates, candidate_scores = found[found >= 0], scores[slot[query["text"]]][found >= 0]
-        codes = margin_codes(candidate_scores, exclusion_codes(candidates, positive, known, text_group, in_test), margin_reference, config)
+        codes = margin_codes(candidate_scores, exclusion_codes(candidates, positive, known, text_group, in_test, record_group), margin_reference, config)
         codes = _drop_near_duplicates_and_judged(codes, candidates, positive, vectors, config, query["text"], passages_by_id, embeddings.ids, cross_encoder)
         negatives = window(codes, config, rng)
         dropped_total.update(dropped_by_rule(codes))

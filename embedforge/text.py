@@ -24,3 +24,10 @@ def passage_text(passage: dict) -> str:
     """What an encoder reads for a passage: its title, a space, its text."""
     title = passage.get("title") or ""
     return f"{title} {passage['text']}".strip()
+
+
+def record_of(passage_id: str) -> str:
+    """The record a passage was cut from: its id without the `#<n>` the corpus reader adds to the
+    passages of a record it cut (a passage that is a whole record is its own record)."""
+    record, mark, number = passage_id.rpartition("#")
+    return record if mark and number.isdigit() else passage_id

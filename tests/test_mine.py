@@ -41,6 +41,15 @@ def test_exclusions_and_window_over_survivors():
     assert dropped_by_rule(codes) == {"positive": 1, "known_positive": 1, "test_split": 1, "duplicate_text": 1}
 
 
+def test_other_passages_of_the_positives_record_are_not_negatives():
+    # positions 0..3: doc#0 (the positive), doc#1 and doc#2 (cut from the same record), other
+    record_group = np.array([0, 0, 0, 1])
+    codes = exclusion_codes(np.array([0, 1, 2, 3]), positive=0, known=np.array([0]), text_group=np.arange(4), in_test=np.zeros(4, dtype=bool),
+                            record_group=record_group)
+    assert dropped_by_rule(codes) == {"positive": 1, "same_record": 2}
+    assert window(codes, MineConfig(num_negatives=3, relative_margin=None), random.Random(0)) == [3]
+
+
 def test_random_sampling_keeps_count_and_order():
     config = MineConfig(num_negatives=2, relative_margin=None, sampling="random")
     chosen = window(np.zeros(10, dtype=np.int8), config, random.Random(3))

@@ -11,7 +11,7 @@ from embedforge.corpus import read_qrels, split_of, unit_hash
 from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, atomic_write, iter_jsonl, sha256_text, write_jsonl
 from embedforge.generate.filters import reject_reason
-from embedforge.text import normalize_text
+from embedforge.text import normalize_text, record_of
 
 def batch_request(key: str, model: str, messages: list, config: GenerateConfig) -> dict:
     """One line of an OpenAI Batch API input file (also read by `vllm run-batch`)."""
@@ -161,9 +161,8 @@ def _pieces_by_record(passages: list[dict]) -> dict[str, list[str]]:
     """Record id -> the ids of the passages it was cut into (`<record id>#<n>`, in order)."""
     pieces: dict[str, list[str]] = defaultdict(list)
     for passage in passages:
-        record, mark, number = passage["_id"].rpartition("#")
-        if mark and number.isdigit():
-            pieces[record].append(passage["_id"])
+        if record_of(passage["_id"]) != passage["_id"]:
+            pieces[record_of(passage["_id"])].append(passage["_id"])
     return pieces
 
 
