@@ -121,6 +121,7 @@ class TrainConfig(_Frozen):
 
 class EvaluateConfig(_Frozen):
     eval_set: tuple[Path, ...] = ()
+    regression_set: tuple[Path, ...] = Field((), description="BEIR folders of other domains the base model served: base vs fine-tuned on each, 'forgets' when the NDCG@10 CI is below zero")
     bootstrap_resamples: int = Field(10_000, ge=100)
 
 
@@ -216,8 +217,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for section, key in path_keys:
         if key in data.get(section, {}):
             data[section][key] = resolve(data[section][key])
-    if "eval_set" in data.get("evaluate", {}):
-        data["evaluate"]["eval_set"] = [resolve(value) for value in data["evaluate"]["eval_set"]]
+    for key in ("eval_set", "regression_set"):
+        if key in data.get("evaluate", {}):
+            data["evaluate"][key] = [resolve(value) for value in data["evaluate"][key]]
     return data
 
 

@@ -19,7 +19,7 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -167,7 +167,7 @@ class Run:
         for path, flag in ((generate.examples, "--examples"), (generate.queries, "--queries")):
             if path and not Path(path).exists():
                 raise EmbedforgeError(f"The {flag} file does not exist", where=str(path), fix=f"check {flag}: the path names no file")
-        for folder in self.config.evaluate.eval_set:
+        for folder in (*self.config.evaluate.eval_set, *self.config.evaluate.regression_set):
             evaluate_stage.check_eval_set(folder)
 
     def check_models(self, selected: list[str]) -> None:
@@ -309,6 +309,8 @@ class Run:
             source="LLM-written queries for held-out test passages of this corpus",
         )
         eval_sets = [synthetic] + [self._cut_as_asked(evaluate_stage.load_beir(folder)) for folder in self.config.evaluate.eval_set]
+        eval_sets += [self._cut_as_asked(replace(evaluate_stage.load_beir(folder, name=f"regression:{Path(folder).name}"), role="regression"))
+                      for folder in self.config.evaluate.regression_set]
         models = [("base", self.config.base_model), ("fine-tuned", str(self.path(MODEL).resolve()))]
         notes = ["synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set."]
         train_entry = self.manifest["stages"].get("train", {})
@@ -362,7 +364,7 @@ def _generate_inputs(run: Run) -> dict[str, str]:
 
 def _evaluate_inputs(run: Run) -> dict[str, str]:
     hashes = run.hash_inputs([run.path(name) for name in (CORPUS, EVAL_QUERIES, TEST_QRELS, MODEL, TRAIN_ROWS)])
-    for folder in run.config.evaluate.eval_set:
+    for folder in (*run.config.evaluate.eval_set, *run.config.evaluate.regression_set):
         hashes.update(evaluate_stage.eval_set_files(folder))
     return hashes
 
@@ -374,7 +376,7 @@ STAGE_TABLE = {stage.name: stage for stage in (
           Run._run_mine),
     Stage("train", train_stage.STAGE_VERSION, "train", lambda run: run.hash_inputs([run.path(name) for name in (CORPUS, TRAIN_ROWS, EVAL_QUERIES, DEV_QRELS)]),
           (MODEL,), Run._run_train),
-    Stage("evaluate", evaluate_stage.STAGE_VERSION, "evaluate", _evaluate_inputs, (RESULTS, REPORT, CHART), Run._run_evaluate, file_fields=("eval_set",)),
+    Stage("evaluate", evaluate_stage.STAGE_VERSION, "evaluate", _evaluate_inputs, (RESULTS, REPORT, CHART), Run._run_evaluate, file_fields=("eval_set", "regression_set")),
 )}
 STAGES = tuple(STAGE_TABLE)
 STAGE_VERSIONS = {name: stage.version for name, stage in STAGE_TABLE.items()}

@@ -282,3 +282,25 @@ def test_standalone_cli_writes_results(beir_folder, tmp_path, tiny_model):
     assert list(results["eval_sets"]["toy"]["models"]) == ["model", "bm25"]
     assert (out / "report.md").exists() and (out / "report.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "| bm25 |" in result.stdout
+
+
+@pytest.mark.parametrize("tuned_value, expected", [(0.5, "forgets"), (1.0, "holds")])
+def test_a_regression_set_says_forgets_only_when_the_whole_ci_is_below_zero(beir_folder, tmp_path, monkeypatch, tuned_value, expected):
+    from dataclasses import replace
+
+    from embedforge.evaluate import stage
+
+    eval_set = replace(load_beir(beir_folder, name="regression:toy"), role="regression")
+
+    def scored(name, eval_set, *arguments, **options):
+        per_query = {query: 1.0 if name == "base-model" else tuned_value for query in eval_set.queries}
+        return {"binary": {metric: per_query for metric in METRICS}, "graded": {"ndcg@10": per_query}, "ranked": {query: [] for query in eval_set.queries}}
+
+    monkeypatch.setattr(stage, "evaluate_model", scored)
+    summary = stage.evaluate([eval_set], [("base", "base-model"), ("fine-tuned", "tuned-model")], tmp_path / "out", None, resamples=200, seed=0, bm25=False)
+    entry = json.loads((tmp_path / "out" / "results.json").read_text())["eval_sets"]["regression:toy"]
+    assert entry["role"] == "regression" and entry["models"]["fine-tuned"]["regression"] == expected
+    assert summary["regression:toy/fine-tuned/regression"] == expected and "regression" not in entry["models"]["base"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"**fine-tuned on toy: {expected}**" in report
+    assert ("fine-tuned forgets toy" in report) == (expected == "forgets")

@@ -164,3 +164,18 @@ def test_an_fp32_encode_backend_reruns_nothing_and_int8_reruns_every_stage(run_c
     assert ran(run_config(encode_backend="auto")) == []
     assert runs.status(run_config(encode_backend="onnx-int8"))["generate"].startswith("stale (changed: setting encode_backend")
     assert ran(run_config(encode_backend="onnx-int8")) == ["generate", "mine", "train", "evaluate"]
+
+
+def test_adding_a_regression_set_reruns_only_evaluate_and_reports_it(run_config, tmp_path):
+    from embedforge.files import read_json
+    from test_evaluate import write_beir
+
+    assert ran(run_config()) == ["generate", "mine", "train", "evaluate"]
+    other = write_beir(tmp_path / "other")
+    assert ran(run_config(regression_set=[other])) == ["evaluate"]
+    entry = read_json(tmp_path / "run" / runs.RESULTS)["eval_sets"]["regression:other"]
+    assert entry["role"] == "regression" and entry["models"]["fine-tuned"]["regression"] in {"forgets", "holds", "gains"}
+    assert "regression" not in entry["models"]["bm25"]
+    (other / "qrels" / "test.tsv").unlink()
+    with pytest.raises(EmbedforgeError, match="lacks qrels/test.tsv"):
+        ran(run_config(regression_set=[other]))

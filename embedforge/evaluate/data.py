@@ -22,6 +22,8 @@ class EvalSet:
     # Passage id -> the document (qrels id) it was cut from, when the documents were cut; a
     # document then scores what its best passage scores.
     documents: dict[str, str] | None = None
+    # "target": the domain trained for; "regression": another domain, checked for forgetting.
+    role: str = "target"
 
 
 def cut_documents(eval_set: EvalSet, cut: Callable[[list[dict]], list[list[dict]]]) -> EvalSet:

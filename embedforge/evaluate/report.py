@@ -60,6 +60,9 @@ def render_report(results: dict, notes: list[str] | None = None) -> str:
     for name, entry in results["eval_sets"].items():
         qrels = "graded qrels" if entry["graded_qrels"] else "binary qrels"
         lines += [f"## {name}", "", f"Source: {entry['source']} · {entry['queries']} queries · {entry['passages']} passages · {qrels}", ""]
+        if entry.get("role") == "regression":
+            lines += ["Out-of-domain check: a set of another domain, where the fine-tuned model should not lose what the base model had.", ""]
+            lines += [f"- **{label} on {name.removeprefix('regression:')}: {model['regression']}**" for label, model in entry["models"].items() if "regression" in model] + [""]
         lines += [contamination_line(entry.get("contamination")), ""]
         others = [(label, model) for label, model in entry["models"].items() if "versus_reference" in model]
         lines += [f"- {verdict_line(label, reference, model)}" for label, model in others] + [""]

@@ -46,6 +46,24 @@ def versus_reference(reference: dict, result: dict, resamples: int, seed: int) -
     return comparison
 
 
+def regression_verdict(versus: dict) -> str:
+    """On another domain's set: "forgets" when the whole NDCG@10 CI is below zero, "gains" when above, else "holds"."""
+    low, high = versus["ci95"]
+    return "forgets" if high < 0 else "gains" if low > 0 else "holds"
+
+
+def regression_notes(results: dict) -> list[str]:
+    """One line per other-domain set the fine-tuned model forgets (for the report's caveats and the screen)."""
+    notes = []
+    for name, entry in results["eval_sets"].items():
+        for label, model in entry["models"].items():
+            if model.get("regression") == "forgets":
+                versus = model["versus_reference"]["ndcg@10"]
+                notes.append(f"{label} forgets {name.removeprefix('regression:')}: NDCG@10 Δ {versus['delta']:+.4f} [{versus['ci95'][0]:+.4f}, {versus['ci95'][1]:+.4f}] "
+                             f"against {results['reference']} on that domain; keep {results['reference']} where it serves that domain too")
+    return notes
+
+
 def biggest_changes(eval_set: EvalSet, reference: dict, result: dict, count: int = CHANGES_SHOWN) -> dict:
     """The queries whose NDCG@10 rose most and fell most against the reference, with both top-3 lists."""
     before, after = reference["binary"]["ndcg@10"], result["binary"]["ndcg@10"]
@@ -85,7 +103,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
         if check is not None and not check["clean"]:
             logger.warning("CONTAMINATION in %s: %d shared query texts, %d shared positives", eval_set.name, check["shared_query_texts"], check["shared_positives"])
         entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
-                 **({"documents": len(set(eval_set.documents.values()))} if eval_set.documents else {}),
+                 **({"documents": len(set(eval_set.documents.values()))} if eval_set.documents else {}), "role": eval_set.role,
                  "contamination": check, "models": {}}
         per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name), encode_backend) for label, name in models}
         reference = per_model[reference_label]
@@ -100,6 +118,8 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
             model_entry = {"model": model_name, **({"prompts": prompts[model_name]} if prompts.get(model_name) else {}), "scores": scores, "ci95": {"ndcg@10": [round(low, 6), round(high, 6)]}, "per_query": per_query}
             if label != reference_label:
                 model_entry["versus_reference"] = versus_reference(reference, result, resamples, seed)
+                if eval_set.role == "regression" and model_name != BM25_MODEL:
+                    model_entry["regression"] = regression_verdict(model_entry["versus_reference"]["ndcg@10"])
                 if model_name != BM25_MODEL:  # the examples are about what fine-tuning changed
                     model_entry["changes"] = biggest_changes(eval_set, reference, result)
             entry["models"][label] = model_entry
@@ -120,7 +140,8 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     if bm25 and all(name != BM25_MODEL and label != "bm25" for label, name in models):
         models.append(("bm25", BM25_MODEL))
     results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend)
-    results["notes"] = notes or []
+    notes = list(notes or []) + regression_notes(results)
+    results["notes"] = notes
     render_chart(results, out_dir / "report.png")
     write_text(out_dir / "report.md", render_report(results, notes))
     write_json(out_dir / "results.json", results)
@@ -128,6 +149,8 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     for name, entry in results["eval_sets"].items():
         for label, model in entry["models"].items():
             summary[f"{name}/{label}/ndcg@10"] = model["scores"]["ndcg@10"]
+            if "regression" in model:
+                summary[f"{name}/{label}/regression"] = model["regression"]
         if entry["contamination"] is not None:
             summary[f"{name}/contamination/shared_query_texts"] = entry["contamination"]["shared_query_texts"]
             summary[f"{name}/contamination/shared_positives"] = entry["contamination"]["shared_positives"]
