@@ -396,7 +396,9 @@ def test_a_huge_passage_is_cut_for_the_prompt_and_a_context_error_rejects_only_i
         return passage_responder(body)
 
     fake_openai.responder = responder
-    result = embedforge(*generate_args(tmp_path, fake_openai, tiny_model, corpus, "--max-passage-tokens", "1000", "--min-pairs", "8"))
+    # --chunk-tokens 0: the corpus keeps the record whole (by default it is cut to what the encoder
+    # reads), so the whole of it reaches generate, which cuts it for the prompt.
+    result = embedforge(*generate_args(tmp_path, fake_openai, tiny_model, corpus, "--max-passage-tokens", "1000", "--min-pairs", "8", "--chunk-tokens", "0"))
     assert result.returncode == 0, result.stderr[-3000:]
     longest = max(len(body["messages"][-1]["content"]) for body in fake_openai.requests)
     assert longest < 1000 * 4 + 2000  # the passage was cut; the stored one was not
@@ -483,8 +485,9 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path, corpus, tiny_model, f
     fake_openai.latency = 3.0
     # torch: no export before the stage (a Ctrl-C during an export is tests/test_backends.py's).
     arguments = [*map(str, generate_args(tmp_path, fake_openai, tiny_model, corpus)), "--encode-backend", "torch"]
-    process = subprocess.Popen([sys.executable, "-m", "embedforge", *arguments],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a background job of a shell starts with it ignored, and Python then keeps ignoring it.
+    process = subprocess.Popen([sys.executable, "-m", "embedforge", *arguments], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not fake_openai.requests:
         time.sleep(0.05)
