@@ -292,34 +292,48 @@ class OpenAIChatModel:
         def stop(retry_state: Any) -> bool:
             # A rate limit is waited out within max_wait_total; other failures have max_attempts.
             if _status_label(retry_state.outcome.exception()) == "429":
-                return retry_state.seconds_since_start >= self.max_wait_total
+                return time.monotonic() - started >= self.max_wait_total
             return sum(count for label, count in statuses.items() if label != "429") >= self.max_attempts
 
+        async def attempt_once() -> dict:
+            nonlocal backoffs
+            client = self._client()
+            generation = await self.limit.acquire()
+            rate_limited = False
+            try:
+                # Plain JSON both ways: posting the body directly skips the client's typed
+                # transform of every message, and reading the answer as a dict skips building
+                # ChatCompletion models; each costs about a millisecond of CPU per call.
+                response = await client.post(
+                    "/chat/completions",
+                    # The seed (derived from the request key) makes an endpoint that honours it answer a rerun alike.
+                    body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra,
+                          **({"seed": seed} if seed is not None else {})},
+                    cast_to=object,
+                )
+                if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+                    raise _MalformedBody(str(response)[:200])
+            except Exception as error:
+                statuses[_status_label(error)] += 1
+                rate_limited = isinstance(error, openai.RateLimitError)
+                raise
+            finally:
+                backoffs += self.limit.release(generation, rate_limited)
+            return response
+
         try:
-            async for attempt in AsyncRetrying(retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop, reraise=True):
-                with attempt:
-                    client = self._client()
-                    generation = await self.limit.acquire()
-                    rate_limited = False
-                    try:
-                        # Plain JSON both ways: posting the body directly skips the client's typed
-                        # transform of every message, and reading the answer as a dict skips building
-                        # ChatCompletion models; each costs about a millisecond of CPU per call.
-                        response = await client.post(
-                            "/chat/completions",
-                            # The seed (derived from the request key) makes an endpoint that honours it answer a rerun alike.
-                            body={"model": self.model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens, **extra,
-                                  **({"seed": seed} if seed is not None else {})},
-                            cast_to=object,
-                        )
-                        if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-                            raise _MalformedBody(str(response)[:200])
-                    except Exception as error:
-                        statuses[_status_label(error)] += 1
-                        rate_limited = isinstance(error, openai.RateLimitError)
-                        raise
-                    finally:
-                        backoffs += self.limit.release(generation, rate_limited)
+            try:
+                # Most calls succeed at once: tenacity's bookkeeping (a fifth of a millisecond of
+                # CPU a call, 7% of the stage at 500 calls/s) starts only after a failure.
+                response = await attempt_once()
+            except Exception as first_failure:
+                if not _is_retryable(first_failure):
+                    raise
+                async for attempt in AsyncRetrying(retry=retry_if_exception(_is_retryable), wait=self._wait, stop=stop, reraise=True):
+                    with attempt:
+                        if attempt.retry_state.attempt_number == 1:
+                            raise first_failure  # tenacity's first attempt is the failed try, so its waits and stops count it
+                        response = await attempt_once()
         except openai.AuthenticationError as error:
             raise EmbedforgeError(
                 "The endpoint rejected the API key (401)", where=self.identity["base_url"], fix="set a valid key in the environment variable named by api_key_env"

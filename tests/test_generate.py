@@ -206,6 +206,7 @@ def test_structured_output_falls_back_when_the_endpoint_refuses(fake_openai):
     async def twice():
         first = await model.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], temperature=0, max_tokens=8, response_format="auto")
         second = await model.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], temperature=0, max_tokens=8, response_format="auto")
+        await model.aclose()
         return first, second
 
     first, second = asyncio.run(twice())
@@ -269,6 +270,7 @@ def test_one_openai_model_serves_two_runs_and_closes_its_connections(fake_openai
 
     fake_openai.responder = passage_responder
     gc.collect()  # what earlier tests left behind is not this test's to judge
+    caplog.clear()
     model = OpenAIChatModel(fake_openai.base_url, "m", api_key="k", max_attempts=1)
     for run in ("first", "second"):  # each generate is its own event loop
         stats = generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / run, _config(), model, seed=0)
