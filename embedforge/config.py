@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -108,6 +108,10 @@ class TrainConfig(_Frozen):
     min_steps: int = Field(32, ge=0, description="train at least this many steps: small data gets more epochs than --epochs (0 = exactly --epochs)")
     batch_size: int = Field(32, ge=2)
     keep_checkpoints: bool = Field(False, description="keep train/checkpoints/ after a successful training (by default only the final model is kept)")
+    merge_alpha: Union[Literal["auto"], Annotated[float, Field(ge=0, le=1)]] = Field(
+        1.0,
+        description="save alpha x fine-tuned + (1 - alpha) x base model, parameter by parameter (1 = the fine-tuned model; the unmerged one is kept in train/model-unmerged); auto: the alpha of 0, 0.25, 0.5, 0.75, 1 that scores best on dev",
+    )
 
     @field_validator("matryoshka_dims", mode="before")
     @classmethod

@@ -317,6 +317,9 @@ class Run:
         guard = dev_guard_note(train_entry.get("stats", {}).get("improved_on_dev"), labelled_sets=len(self.config.evaluate.eval_set))
         if guard:
             notes.append(guard)
+        merge = merge_note(train_entry.get("stats", {}))
+        if merge:
+            notes.append(merge)
         train_rows = list(iter_jsonl(self.path(TRAIN_ROWS)))  # for the contamination check
         return evaluate_stage.evaluate(
             eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
@@ -488,6 +491,17 @@ def dev_guard_note(improved_on_dev: bool | None, labelled_sets: int) -> str | No
         "The fine-tuned model was NOT better than the base model on the dev split (queries written like the training ones). "
         "The human-labelled eval set decides: keep the base model unless its verdict below is 'better'."
     )
+
+
+def merge_note(train_stats: dict) -> str | None:
+    """The report's word on --merge-alpha: which model "fine-tuned" is, and the dev sweep that chose it."""
+    alpha = train_stats.get("merge_alpha")
+    if alpha is None:
+        return None
+    sweep = train_stats.get("merge_dev_sweep")
+    chosen = f" (chosen on dev NDCG@10: {', '.join(f'alpha {key} {value:.4f}' for key, value in sweep.items())})" if sweep else ""
+    return (f"fine-tuned here is {alpha:g} x the fine-tuned model + {1 - alpha:g} x the base model, parameter by parameter{chosen}; "
+            f"the unmerged fine-tuned model is in train/model-unmerged.")
 
 
 def _summary(stats: dict) -> str:

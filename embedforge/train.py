@@ -2,7 +2,9 @@
 
 Reads:  mine/train.jsonl, corpus.jsonl and the dev split of generate/eval (never test).
 Writes: train/model/ (SentenceTransformer.save() output with a model card),
-        train/checkpoints/ (resumable Trainer checkpoints).
+        train/checkpoints/ (resumable Trainer checkpoints),
+        train/model-unmerged/ (with --merge-alpha other than 1: the fine-tuned model before it was
+        merged with the base model; train/model is the merge).
 Keeps:  the checkpoints while training: a killed run resumes from the newest complete one (a
         half-saved one is removed). After a successful training only the final model is kept,
         unless keep_checkpoints.
@@ -30,6 +32,8 @@ from embedforge.files import process_rank
 
 STAGE_VERSION = 1
 DEV_METRIC = "dev_cosine_ndcg@10"
+MERGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+UNMERGED = "model-unmerged"
 logger = logging.getLogger(__name__)
 
 
@@ -233,7 +237,21 @@ def train(
     if tuned_dev is None and evaluator:
         tuned_dev = evaluator(model).get(DEV_METRIC)
 
-    improved = None if base_dev is None or tuned_dev is None else tuned_dev > base_dev
+    def save_unmerged() -> None:
+        model.max_seq_length = inference_length
+        try:  # torch only: the unmerged model is for the user, nothing here encodes with it
+            save_model(model, out_dir / UNMERGED, base_model, config, {"merged": "no: train/model is this model merged with the base model"},
+                       model_card_notes or {}, "torch")
+        finally:
+            model.max_seq_length = config.max_seq_length
+
+    merge = {}
+    if config.merge_alpha != 1.0 and process_rank() == 0:
+        merge = merge_with_base(model, base_model, config.merge_alpha, evaluator, base_dev, tuned_dev, prompts, save_unmerged)
+    else:
+        shutil.rmtree(out_dir / UNMERGED, ignore_errors=True)  # an older run's, which this model is not
+    saved_dev = merge.get("merged_dev_ndcg@10", tuned_dev)
+    improved = None if base_dev is None or saved_dev is None else saved_dev > base_dev
     stats = {
         "pairs": len(rows),
         "loss": loss_name,
@@ -243,6 +261,7 @@ def train(
         "resumed_from": Path(last).name if last else None,
         "base_dev_ndcg@10": None if base_dev is None else round(float(base_dev), 6),
         "tuned_dev_ndcg@10": None if tuned_dev is None else round(float(tuned_dev), 6),
+        **merge,
         "improved_on_dev": improved,
     }
     model.max_seq_length = inference_length
@@ -253,9 +272,53 @@ def train(
     if improved is False:
         logger.warning(
             "FINE-TUNING DID NOT HELP: dev NDCG@10 %.4f (fine-tuned) vs %.4f (base). Keep the base model; see README 'When fine-tuning does not help'.",
-            tuned_dev,
+            saved_dev,
             base_dev,
         )
+    return stats
+
+
+def merged_state(base: dict, tuned: dict, alpha: float) -> dict:
+    """alpha x tuned + (1 - alpha) x base, parameter by parameter (LM-Cocktail's merge of two
+    models). torch.lerp returns either end exactly at alpha 0 and 1; integer buffers (position
+    ids) are the same in both and kept."""
+    import torch
+
+    return {name: torch.lerp(base[name].to(value.device, value.dtype), value, alpha) if value.is_floating_point() else value for name, value in tuned.items()}
+
+
+def merge_with_base(model, base_model: str, merge_alpha, evaluator, base_dev, tuned_dev, prompts, save_unmerged) -> dict:
+    """Load the merge of the fine-tuned `model` with the base model into `model`; with "auto",
+    the alpha of MERGE_GRID that scores best on dev (the larger alpha on a tie). Dev only: the
+    test split is never read here. Returns the stats of the merge."""
+    tuned = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    base = load_model(base_model, prompts=prompts).state_dict()
+    if base.keys() != tuned.keys() or any(base[name].shape != value.shape for name, value in tuned.items()):
+        raise EmbedforgeError("The fine-tuned and the base model do not have the same parameters, so they cannot be merged",
+                              where=base_model, fix="drop --merge-alpha (or set it to 1)")
+    save_unmerged()  # the unmerged model stays available
+    sweep = {}
+    if merge_alpha == "auto":
+        if evaluator is None:
+            logger.warning("--merge-alpha auto needs dev queries to choose alpha; the fine-tuned model is saved unmerged")
+            alpha = 1.0
+        else:
+            sweep = {0.0: base_dev, 1.0: tuned_dev}
+            for candidate in MERGE_GRID:
+                if candidate not in sweep:
+                    model.load_state_dict(merged_state(base, tuned, candidate))
+                    sweep[candidate] = evaluator(model).get(DEV_METRIC)
+            alpha = max(sweep, key=lambda candidate: (round(float(sweep[candidate]), 6), candidate))
+            logger.info("merge: dev NDCG@10 by alpha %s; alpha %g chosen", {key: round(float(value), 4) for key, value in sorted(sweep.items())}, alpha)
+    else:
+        alpha = float(merge_alpha)
+    model.load_state_dict(merged_state(base, tuned, alpha))
+    stats = {"merge_alpha": alpha}
+    if sweep:
+        stats["merge_dev_sweep"] = {f"{key:g}": round(float(value), 6) for key, value in sorted(sweep.items())}
+        stats["merged_dev_ndcg@10"] = round(float(sweep[alpha]), 6)
+    elif evaluator is not None and alpha != 1.0:
+        stats["merged_dev_ndcg@10"] = round(float(base_dev if alpha == 0.0 else evaluator(model).get(DEV_METRIC)), 6)
     return stats
 
 

@@ -22,6 +22,13 @@ def test_flags_override_file_and_paths_are_relative_to_it(tmp_path):
     assert config.run == (tmp_path / "runs" / "x").resolve()
 
 
+def test_merge_alpha_is_auto_or_a_number_from_a_flag_or_the_file(tmp_path):
+    (tmp_path / "embedforge.toml").write_text("[train]\nmerge_alpha = 0.25\n")
+    assert load_config(tmp_path / "embedforge.toml").train.merge_alpha == 0.25
+    assert load_config(tmp_path / "embedforge.toml", {"merge_alpha": "auto"}).train.merge_alpha == "auto"
+    assert load_config(None, {"merge_alpha": "0.5"}).train.merge_alpha == 0.5 and RunConfig().train.merge_alpha == 1.0
+
+
 def test_unknown_keys_are_rejected(tmp_path):
     (tmp_path / "embedforge.toml").write_text("[generate]\nmin_pair = 5\n")
     with pytest.raises(EmbedforgeError, match="generate.min_pair: Extra inputs are not permitted"):
@@ -52,6 +59,7 @@ def test_init_writes_a_loadable_commented_config(tmp_path):
         (["run", "--min-pairs", "0"], "Invalid configuration: generate.min_pairs"),
         (["run", "--force", "bogus"], "Unknown stage 'bogus'"),
         (["evaluate", "--model", "x"], "needs --eval-set DIR and --out DIR"),
+        (["run", "--merge-alpha", "2"], "Invalid configuration: train.merge_alpha"),
     ],
 )
 def test_user_errors_exit_1_without_traceback(tmp_path, args, message):

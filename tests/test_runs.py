@@ -179,3 +179,12 @@ def test_adding_a_regression_set_reruns_only_evaluate_and_reports_it(run_config,
     (other / "qrels" / "test.tsv").unlink()
     with pytest.raises(EmbedforgeError, match="lacks qrels/test.tsv"):
         ran(run_config(regression_set=[other]))
+
+
+def test_merging_reruns_train_and_evaluate_and_the_report_says_which_model_it_scored(run_config, tmp_path):
+    assert ran(run_config()) == ["generate", "mine", "train", "evaluate"]
+    assert ran(run_config(merge_alpha=0.5)) == ["train", "evaluate"]
+    report = (tmp_path / "run" / runs.REPORT).read_text()
+    assert "0.5 x the fine-tuned model + 0.5 x the base model" in report and "train/model-unmerged" in report
+    assert (tmp_path / "run" / "train" / "model-unmerged" / "config.json").exists()
+    assert ran(run_config(merge_alpha=0.5)) == []

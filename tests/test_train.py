@@ -4,7 +4,7 @@ import pytest
 
 from conftest import make_passages
 from embedforge.config import TrainConfig
-from embedforge.train import epochs_for, resolve_loss, train
+from embedforge.train import MERGE_GRID, epochs_for, merged_state, resolve_loss, train
 
 
 def rows_for(passages, shuffle=False):
@@ -94,3 +94,51 @@ def test_small_data_trains_at_least_min_steps():
     assert epochs_for(TrainConfig(batch_size=32, min_steps=32), rows=1026) == 1
     assert epochs_for(TrainConfig(batch_size=32, min_steps=32, epochs=2), rows=5000) == 2
     assert epochs_for(TrainConfig(batch_size=32, min_steps=0), rows=10) == 1
+
+
+def test_merging_at_alpha_0_gives_the_base_models_vectors_and_at_1_the_fine_tuned_ones(tiny_model):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    base = SentenceTransformer(tiny_model, device="cpu")
+    tuned = SentenceTransformer(tiny_model, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    texts = ["what about apple history", "how is bread made"]
+    base_state, tuned_state = base.state_dict(), {name: value.clone() for name, value in tuned.state_dict().items()}
+    wanted = {0.0: base.encode(texts), 1.0: tuned.encode(texts)}
+    merged = SentenceTransformer(tiny_model, device="cpu")
+    for alpha, vectors in wanted.items():
+        merged.load_state_dict(merged_state(base_state, tuned_state, alpha))
+        assert (merged.encode(texts) == vectors).all(), alpha
+    merged.load_state_dict(merged_state(base_state, tuned_state, 0.5))
+    halfway = merged.encode(texts)
+    assert not (halfway == wanted[0.0]).all() and not (halfway == wanted[1.0]).all()
+    weight = next(name for name in base_state if name.endswith("word_embeddings.weight"))
+    assert torch.allclose(merged.state_dict()[weight], (base_state[weight] + tuned_state[weight]) / 2)
+
+
+def test_merge_alpha_auto_keeps_the_best_alpha_on_dev_and_the_unmerged_model(tmp_path, tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=0, merge_alpha="auto")
+    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    sweep = {float(alpha): score for alpha, score in stats["merge_dev_sweep"].items()}
+    assert sorted(sweep) == list(MERGE_GRID) and sweep[0.0] == stats["base_dev_ndcg@10"] and sweep[1.0] == stats["tuned_dev_ndcg@10"]
+    assert stats["merged_dev_ndcg@10"] == max(sweep.values()) == sweep[stats["merge_alpha"]]
+    assert stats["improved_on_dev"] == (stats["merged_dev_ndcg@10"] > stats["base_dev_ndcg@10"])
+    # The saved model is the merge of the unmerged one with the base model at the chosen alpha.
+    base, unmerged = SentenceTransformer(tiny_model, device="cpu"), SentenceTransformer(str(tmp_path / "model-unmerged"), device="cpu")
+    expected = SentenceTransformer(tiny_model, device="cpu")
+    expected.load_state_dict(merged_state(base.state_dict(), unmerged.state_dict(), stats["merge_alpha"]))
+    saved = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    texts = ["what about apple history"]
+    assert abs(saved.encode(texts) - expected.encode(texts)).max() < 1e-6
+    assert saved.max_seq_length == unmerged.max_seq_length == base.max_seq_length  # both keep the base model's inference limit
+    # Without merging, an older run's unmerged model does not stay next to a model it is not.
+    train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0)
+    assert not (tmp_path / "model-unmerged").exists()

@@ -60,7 +60,8 @@ def regression_notes(results: dict) -> list[str]:
             if model.get("regression") == "forgets":
                 versus = model["versus_reference"]["ndcg@10"]
                 notes.append(f"{label} forgets {name.removeprefix('regression:')}: NDCG@10 Δ {versus['delta']:+.4f} [{versus['ci95'][0]:+.4f}, {versus['ci95'][1]:+.4f}] "
-                             f"against {results['reference']} on that domain; keep {results['reference']} where it serves that domain too")
+                             f"against {results['reference']} on that domain; keep {results['reference']} where it serves that domain too, "
+                             "or try a model merged with it (--merge-alpha 0.5, or auto)")
     return notes
 
 
