@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -73,6 +74,24 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         _remove_quietly(temporary)
         raise
+
+
+@contextlib.contextmanager
+def replace_folder(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside `folder` to write into; on success it replaces `folder`, so a
+    crash never leaves half of one (a leftover temporary is cleared by the next attempt)."""
+    folder = Path(folder)
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(temporary, folder)
 
 
 def _remove_quietly(path: str) -> None:

@@ -324,7 +324,7 @@ class Run:
         return evaluate_stage.evaluate(
             eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
-            encode_backend=self.config.encode_backend,
+            encode_backend=self.config.encode_backend, offer_merge_of="fine-tuned",
         )
 
     def _cut_as_asked(self, eval_set):

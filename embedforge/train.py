@@ -28,7 +28,8 @@ from pathlib import Path
 from embedforge.config import TrainConfig
 from embedforge.embeddings import load_model, passage_text
 from embedforge.errors import EmbedforgeError
-from embedforge.files import process_rank
+from embedforge.files import process_rank, replace_folder
+from embedforge.merging import check_mergeable, merged_state
 
 STAGE_VERSION = 1
 DEV_METRIC = "dev_cosine_ndcg@10"
@@ -278,24 +279,13 @@ def train(
     return stats
 
 
-def merged_state(base: dict, tuned: dict, alpha: float) -> dict:
-    """alpha x tuned + (1 - alpha) x base, parameter by parameter (LM-Cocktail's merge of two
-    models). torch.lerp returns either end exactly at alpha 0 and 1; integer buffers (position
-    ids) are the same in both and kept."""
-    import torch
-
-    return {name: torch.lerp(base[name].to(value.device, value.dtype), value, alpha) if value.is_floating_point() else value for name, value in tuned.items()}
-
-
 def merge_with_base(model, base_model: str, merge_alpha, evaluator, base_dev, tuned_dev, prompts, save_unmerged) -> dict:
     """Load the merge of the fine-tuned `model` with the base model into `model`; with "auto",
     the alpha of MERGE_GRID that scores best on dev (the larger alpha on a tie). Dev only: the
     test split is never read here. Returns the stats of the merge."""
     tuned = {name: value.detach().clone() for name, value in model.state_dict().items()}
     base = load_model(base_model, prompts=prompts).state_dict()
-    if base.keys() != tuned.keys() or any(base[name].shape != value.shape for name, value in tuned.items()):
-        raise EmbedforgeError("The fine-tuned and the base model do not have the same parameters, so they cannot be merged",
-                              where=base_model, fix="drop --merge-alpha (or set it to 1)")
+    check_mergeable(base, tuned, base_model)
     save_unmerged()  # the unmerged model stays available
     sweep = {}
     if merge_alpha == "auto":
@@ -327,23 +317,18 @@ def save_model(model, folder: Path, base_model: str, config: TrainConfig, stats:
 
     With an ONNX backend, the model ships its ONNX export (`onnx/model.onnx`), checked against
     torch: evaluation and reindex encode with it, and a user can serve it the same way."""
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save(str(temporary))
-    card = temporary / "README.md"
-    lines = ["", "## embedforge", "", f"- base model: `{base_model}`"]
-    export = _ship_onnx_export(model, temporary, encode_backend)
-    if export:
-        lines.append(f"- ONNX export: `onnx/model.onnx` (inputs {', '.join(export['inputs'])}; output last_hidden_state, before pooling; "
-                     f"max |difference| to torch's vectors {export['max_abs_diff']:.1e}, {export['speedup']:.2f}x its speed on the training machine)")
-    lines += [f"- {key}: `{value}`" for key, value in notes.items()]
-    lines += [f"- training argument {key}: `{value}`" for key, value in config.model_dump(mode="json").items()]
-    lines += [f"- {key}: `{value}`" for key, value in stats.items()]
-    with open(card, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(temporary, folder)
+    with replace_folder(folder) as temporary:
+        model.save(str(temporary))
+        lines = ["", "## embedforge", "", f"- base model: `{base_model}`"]
+        export = _ship_onnx_export(model, temporary, encode_backend)
+        if export:
+            lines.append(f"- ONNX export: `onnx/model.onnx` (inputs {', '.join(export['inputs'])}; output last_hidden_state, before pooling; "
+                         f"max |difference| to torch's vectors {export['max_abs_diff']:.1e}, {export['speedup']:.2f}x its speed on the training machine)")
+        lines += [f"- {key}: `{value}`" for key, value in notes.items()]
+        lines += [f"- training argument {key}: `{value}`" for key, value in config.model_dump(mode="json").items()]
+        lines += [f"- {key}: `{value}`" for key, value in stats.items()]
+        with open(temporary / "README.md", "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 def _ship_onnx_export(model, folder: Path, encode_backend: str) -> dict | None:

@@ -7,6 +7,7 @@ lexical match decides; tiny BERT models built on the fly.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -304,3 +305,41 @@ def test_a_regression_set_says_forgets_only_when_the_whole_ci_is_below_zero(beir
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"**fine-tuned on toy: {expected}**" in report
     assert ("fine-tuned forgets toy" in report) == (expected == "forgets")
+
+
+def test_a_model_that_forgets_is_offered_the_least_merged_model_that_does_not(beir_folder, tmp_path, monkeypatch, tiny_model):
+    from dataclasses import replace
+
+    from embedforge.evaluate import stage
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model, tuned)
+    regression = replace(load_beir(beir_folder, name="regression:toy"), role="regression")
+    human = load_beir(beir_folder, name="human")
+    # By model: the fine-tuned one and its 0.75 merge forget the regression domain, the 0.5 merge does not.
+    values = {tiny_model: 1.0, str(tuned): 0.5, str(tmp_path / "out" / "merged-0.75"): 0.6, str(tmp_path / "out" / "merged-0.5"): 1.0}
+    evaluated = []
+
+    def scored(name, eval_set, *arguments, **options):
+        evaluated.append(name)
+        value = values[name] if eval_set.role == "regression" else 1.0
+        per_query = {query: value for query in eval_set.queries}
+        return {"binary": {metric: per_query for metric in METRICS}, "graded": {"ndcg@10": per_query}, "ranked": {query: [] for query in eval_set.queries}}
+
+    monkeypatch.setattr(stage, "evaluate_model", scored)
+    (tmp_path / "out" / "merged-0.25").mkdir(parents=True)  # an earlier evaluation's offer
+    summary = stage.evaluate([human, regression], [("base", tiny_model), ("fine-tuned", str(tuned))], tmp_path / "out", None, resamples=200, seed=0,
+                             bm25=False, offer_merge_of="fine-tuned")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["merge_offer"] == {"of": "fine-tuned", "alpha": 0.5, "model": str(tmp_path / "out" / "merged-0.5"),
+                                      "forgets_by_alpha": {"0.75": ["regression:toy"], "0.5": []}}
+    assert summary["merge_offer_alpha"] == 0.5
+    assert results["eval_sets"]["regression:toy"]["models"]["merged-0.5"]["regression"] == "holds"
+    assert set(results["eval_sets"]["human"]["models"]) == {"base", "fine-tuned", "merged-0.75", "merged-0.5"}
+    assert sorted(path.name for path in (tmp_path / "out").glob("merged-*")) == ["merged-0.5"]  # the refused merge and the stale one are gone
+    assert "rerun with --merge-alpha 0.5" in (tmp_path / "out" / "report.md").read_text()
+    # Nothing forgotten: nothing merged or offered.
+    values[str(tuned)] = 1.0
+    stage.evaluate([regression], [("base", tiny_model), ("fine-tuned", str(tuned))], tmp_path / "out", None, resamples=200, seed=0, bm25=False,
+                   offer_merge_of="fine-tuned")
+    assert "merge_offer" not in json.loads((tmp_path / "out" / "results.json").read_text()) and not list((tmp_path / "out").glob("merged-*"))

@@ -4,7 +4,8 @@ import pytest
 
 from conftest import make_passages
 from embedforge.config import TrainConfig
-from embedforge.train import MERGE_GRID, epochs_for, merged_state, resolve_loss, train
+from embedforge.merging import merged_state
+from embedforge.train import MERGE_GRID, epochs_for, resolve_loss, train
 
 
 def rows_for(passages, shuffle=False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,16 @@ from embedforge.evaluate.leaks import contamination
 from embedforge.evaluate.metrics import paired_bootstrap, randomization_p_value, verdict
 from embedforge.evaluate.report import render_chart, render_report
 from embedforge.evaluate.retrieval import BM25_MODEL, METRICS_VERSION, evaluate_model
+from embedforge.embeddings import load_model
 from embedforge.files import write_json, write_text
+from embedforge.merging import save_merged
 
 logger = logging.getLogger(__name__)
 
 STAGE_VERSION = 2  # 2: BM25 row, contamination check, report.png, biggest per-query changes
 HEADLINE = ("ndcg@10", "recall@10", "recall@100", "mrr@10")  # compared with CIs and p-values
 CHANGES_SHOWN = 5
+OFFERED_ALPHAS = (0.75, 0.5, 0.25)  # merges offered when the fine-tuned model forgets, most fine-tuned first
 
 
 def _mean(per_query: dict[str, float]) -> float:
@@ -128,13 +132,53 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
     return results
 
 
+def forgotten(results: dict, label: str) -> list[str]:
+    """The regression sets on which the model `label` forgets."""
+    return [name for name, entry in results["eval_sets"].items() if entry["models"].get(label, {}).get("regression") == "forgets"]
+
+
+def offer_merge(results: dict, eval_sets: list[EvalSet], models: list[tuple[str, str]], label: str, out_dir: Path, cache_dir: Path | None,
+                resamples: int, seed: int, batch_size: int, encode_backend: str) -> dict:
+    """When `label` forgets a regression set: its merges with the reference model, from the most
+    fine-tuned down (OFFERED_ALPHAS), each evaluated on every set beside the others, until one
+    forgets none. The one that does is kept in `out_dir/merged-<alpha>`; the merged rows join
+    `results`. Returns what was tried."""
+    reference = models[0]
+    base, tuned = load_model(reference[1]), load_model(dict(models)[label])
+    tried = {}
+    for alpha in OFFERED_ALPHAS:
+        merged_label = f"merged-{alpha:g}"
+        folder = save_merged(base, tuned, alpha, out_dir / merged_label)
+        extra = compare(eval_sets, [reference, (merged_label, str(folder))], cache_dir, resamples, seed, batch_size, encode_backend=encode_backend)
+        for name, entry in extra["eval_sets"].items():
+            results["eval_sets"][name]["models"][merged_label] = entry["models"][merged_label]
+        tried[f"{alpha:g}"] = forgotten(extra, merged_label)
+        if not tried[f"{alpha:g}"]:
+            return {"of": label, "alpha": alpha, "model": str(folder), "forgets_by_alpha": tried}
+        shutil.rmtree(folder)
+    return {"of": label, "alpha": None, "model": None, "forgets_by_alpha": tried}
+
+
+def merge_offer_note(offer: dict, results: dict) -> str:
+    if offer["alpha"] is None:
+        return (f"No merge of {offer['of']} with {results['reference']} (alpha {', '.join(offer['forgets_by_alpha'])}) stops it forgetting: "
+                f"keep {results['reference']} for those domains.")
+    label = f"merged-{offer['alpha']:g}"
+    elsewhere = [f"{name} NDCG@10 Δ {entry['models'][label]['versus_reference']['ndcg@10']['delta']:+.4f}"
+                 for name, entry in results["eval_sets"].items() if label in entry["models"]]
+    return (f"Offered instead: {label}, {offer['alpha']:g} x {offer['of']} + {1 - offer['alpha']:g} x {results['reference']} ({offer['model']}), which forgets "
+            f"no regression set ({'; '.join(elsewhere)} against {results['reference']}); to train and ship it, rerun with --merge-alpha {offer['alpha']:g}.")
+
+
 def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
              batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None,
-             prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch") -> dict:
+             prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch", offer_merge_of: str | None = None) -> dict:
     """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
 
     With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
     `train_rows` (mine/train.jsonl), each eval set is checked for test data among the training pairs.
+    With `offer_merge_of` (a model's label), a merge of that model with the reference is offered
+    when it forgets a regression set (see offer_merge).
     """
     out_dir = Path(out_dir)
     models = list(models)
@@ -142,11 +186,16 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
         models.append(("bm25", BM25_MODEL))
     results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend)
     notes = list(notes or []) + regression_notes(results)
+    for stale in out_dir.glob("merged-*"):  # an earlier evaluation's offer, of another model
+        shutil.rmtree(stale)
+    if offer_merge_of and forgotten(results, offer_merge_of):
+        results["merge_offer"] = offer_merge(results, eval_sets, models, offer_merge_of, out_dir, cache_dir, resamples, seed, batch_size, encode_backend)
+        notes.append(merge_offer_note(results["merge_offer"], results))
     results["notes"] = notes
     render_chart(results, out_dir / "report.png")
     write_text(out_dir / "report.md", render_report(results, notes))
     write_json(out_dir / "results.json", results)
-    summary = {}
+    summary = {"merge_offer_alpha": results["merge_offer"]["alpha"]} if "merge_offer" in results else {}
     for name, entry in results["eval_sets"].items():
         for label, model in entry["models"].items():
             summary[f"{name}/{label}/ndcg@10"] = model["scores"]["ndcg@10"]
