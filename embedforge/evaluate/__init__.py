@@ -6,7 +6,8 @@ Reads:  eval sets in BEIR layout (the run's synthetic held-out test set, and any
 Writes: evaluate/results.json (per eval set, per model: every metric, per-query scores, the
         model's own 95% CI, paired bootstrap CIs and randomization p-values against the first
         model, the queries that changed most, the contamination check), evaluate/report.md,
-        evaluate/report.png.
+        evaluate/report.png; evaluate/merged-<alpha>/ when the fine-tuned model forgets a
+        --regression-set and a merge with the base model does not (the model offered).
 Keeps:  per (model, eval set) results in cache/results/ (metrics and ranked lists), so an
         unchanged base model on an unchanged eval set is never evaluated twice.
 
