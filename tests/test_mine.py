@@ -9,7 +9,7 @@ import pytest
 
 from embedforge.embeddings import CorpusEmbeddings, IndexSpec, build_index, configure_index
 from embedforge.files import read_jsonl
-from embedforge.mine import dropped_by_rule, exclusion_codes, margin_codes, mine, window
+from embedforge.mine import dropped_by_rule, exclusion_codes, margin_codes, mine, weakest_record_score, window
 
 
 def test_relative_margin_on_hand_built_scores():
@@ -176,3 +176,23 @@ def test_corpus_embeddings_are_encoded_once(tmp_path, tiny_model):
     changed = passages[:-1] + [{"_id": "p19", "title": "", "text": "changed"}]
     with pytest.raises(AssertionError, match="encoded again"):
         corpus_embeddings(tiny_model, changed, tmp_path, model=NoEncoding())
+
+
+def test_margins_count_from_a_known_records_best_passage_not_its_weakest(tmp_path):
+    # Record "a" is cut in two: a#0 scores 0.9 for the query, its tail a#1 only 0.1. Record "b"
+    # (another known positive) scores 0.8. Negatives p0..p3 score 0.2 to 0.5: below 0.95 x 0.8,
+    # so none is a likely false negative; a margin from a#1 (0.1) would have dropped them all.
+    assert weakest_record_score(np.array([0.9, 0.1, 0.8]), np.array([4, 4, 7])) == 0.8
+    ids = ["a#0", "a#1", "b", "p0", "p1", "p2", "p3"]
+    scores = [0.9, 0.1, 0.8, 0.5, 0.4, 0.3, 0.2]
+    query = np.zeros(8, dtype=np.float32)
+    query[0] = 1.0
+    matrix = np.stack([_unit([score, np.sqrt(1 - score**2)] + [0] * 6) for score in scores])  # query . passage = score
+    passages = [{"_id": identifier, "title": "", "text": f"text {identifier}"} for identifier in ids]
+    embeddings = CorpusEmbeddings(ids=ids, vectors=matrix, index=build_index(matrix), key="k")
+    queries = [{"_id": "q", "text": "the query", "passage_id": "a#0", "split": "train"},
+               {"_id": "q-1", "text": "the query", "passage_id": "a#1", "split": "train", "known_only": True},
+               {"_id": "q-2", "text": "the query", "passage_id": "b", "split": "train", "known_only": True}]
+    stats = mine(passages, queries, embeddings, query[None, :], tmp_path, MineConfig(num_negatives=3, relative_margin=0.05), set(), seed=0)
+    assert read_jsonl(tmp_path / "train.jsonl")[0]["negative_ids"] == ["p0", "p1", "p2"]
+    assert stats["shortfalls"] == 0 and stats["dropped"]["relative_margin"] == 0
