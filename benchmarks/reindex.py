@@ -83,7 +83,8 @@ def main() -> None:
     passages, source = load_passages(args.passages)
     texts = [passage_text(p) for p in passages]
     model = load_model(args.model)
-    settings = reindexing.ReindexSettings(shard_size=args.shard_size, batch_size=args.batch_size, index="flat")
+    # As `embedforge reindex` runs by default: --encode-backend auto, exports kept in ./cache.
+    settings = reindexing.ReindexSettings(shard_size=args.shard_size, batch_size=args.batch_size, index="flat", encode_backend="auto", cache=Path("cache"))
     print(f"{len(passages)} passages from {source}; model {args.model} on {model.device}; batch {args.batch_size}; shards of {args.shard_size}")
     model.encode(texts[: args.batch_size], batch_size=args.batch_size, show_progress_bar=False)  # one-off set-up, for neither side
 

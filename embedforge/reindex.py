@@ -51,8 +51,9 @@ class ReindexSettings:
     batch_size: int = 64
     devices: tuple[str, ...] = ()
     nprobe: int = 32
-    encode_backend: str = "auto"
-    cache: Path | None = Path("cache")  # where an exported encoder is kept (a fine-tuned model ships its own)
+    # torch and no cache for a library caller; the CLI passes --encode-backend (default auto) and --cache.
+    encode_backend: str = "torch"
+    cache: Path | None = None  # where an exported encoder is kept (a fine-tuned model ships its own)
 
     def check(self) -> None:
         check_backend(self.encode_backend)

@@ -31,14 +31,12 @@ def test_an_fp32_backend_gives_torch_vectors_for_documents_and_queries(tiny_mode
 
 
 def test_the_export_happens_once_per_model(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
     monkeypatch.setattr(backends, "_export", lambda *arguments: pytest.fail("exported a second time"))
     assert load_model(tiny_model, backend="onnx", cache_dir=tmp_path).encode_backend == "onnx"
 
 
 def test_a_failed_export_leaves_nothing_behind_and_the_next_one_succeeds(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     real = backends._export
 
     def half_then_fail(model, backend, folder):
@@ -54,7 +52,6 @@ def test_a_failed_export_leaves_nothing_behind_and_the_next_one_succeeds(tiny_mo
 
 
 def test_an_export_that_disagrees_with_torch_is_refused_or_passed_over(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     real = backends.load_runner
     monkeypatch.setattr(backends, "load_runner", lambda backend, folder: (lambda feeds, run=real(backend, folder): run(feeds) + 0.01))
     with pytest.raises(EmbedforgeError, match="disagrees with torch"):
@@ -66,7 +63,6 @@ def test_an_export_that_disagrees_with_torch_is_refused_or_passed_over(tiny_mode
 
 
 def test_auto_takes_a_backend_only_when_it_was_measured_faster(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     monkeypatch.setattr(backends, "installed", lambda name: name == "onnx")
     load_model(tiny_model, backend="onnx", cache_dir=tmp_path)
     check_file = next(tmp_path.glob("backends/*/onnx/check.json"))
@@ -77,7 +73,6 @@ def test_auto_takes_a_backend_only_when_it_was_measured_faster(tiny_model, tmp_p
 
 
 def test_int8_changes_the_vectors_and_so_the_cache_key(tiny_model, tmp_path):
-    pytest.importorskip("onnxruntime")
     model = load_model(tiny_model, backend="onnx-int8", cache_dir=tmp_path)
     assert model.encode_backend == "onnx-int8"
     difference = np.abs(vectors(model) - vectors(load_model(tiny_model))).max()
@@ -108,7 +103,6 @@ def test_hub_names_that_share_a_prefix_get_their_own_export_folders(tmp_path):
 
 
 def test_a_shipped_export_is_used_only_for_the_weights_it_was_made_from(tiny_model, tmp_path):
-    pytest.importorskip("onnxruntime")
     import shutil
 
     folder = tmp_path / "model"
@@ -121,7 +115,6 @@ def test_a_shipped_export_is_used_only_for_the_weights_it_was_made_from(tiny_mod
 
 
 def test_a_second_process_that_finishes_later_keeps_the_first_export(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     model = load_model(tiny_model)
     folder = tmp_path / "export"
     real = backends._export
@@ -143,7 +136,6 @@ def test_a_second_process_that_finishes_later_keeps_the_first_export(tiny_model,
 
 
 def test_ctrl_c_during_an_export_is_not_lost_in_the_exporter(tiny_model, tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     import os
     import signal
     import time
@@ -217,3 +209,12 @@ def test_an_export_keeps_the_callers_logging_switched_off(tiny_model, tmp_path, 
         assert logging.root.manager.disable == logging.CRITICAL
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_the_config_offers_exactly_the_backends_there_are():
+    import typing
+
+    from embedforge.config import RunConfig
+
+    # Two lists, so that backends.py stays below the config on the import graph; they must agree.
+    assert typing.get_args(RunConfig.model_fields["encode_backend"].annotation) == backends.BACKENDS

@@ -209,7 +209,6 @@ def test_cli_reindex_then_search_finds_the_planted_passage(tiny_model, tmp_path)
 
 
 def test_an_fp32_backend_reuses_torch_shards_while_int8_reencodes_and_search_follows_it(tiny_model, tmp_path):
-    pytest.importorskip("onnxruntime")
     from dataclasses import replace
 
     passages = make_passages(20) + [PLANTED]

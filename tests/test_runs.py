@@ -153,7 +153,6 @@ def test_dev_guard_note_defers_to_a_human_labelled_eval_set():
 
 
 def test_an_fp32_encode_backend_reruns_nothing_and_int8_reruns_every_stage(run_config):
-    pytest.importorskip("onnxruntime")
     assert ran(run_config(encode_backend="onnx")) == ["generate", "mine", "train", "evaluate"]
     model = run_config().run / "train" / "model"
     # The fine-tuned model ships its checked export, and evaluation used it: the cache holds only the base model's.
