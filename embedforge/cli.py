@@ -144,7 +144,11 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
              decide: bool = typer.Option(False, "--decide", help="recommend off-the-shelf / generate more data first / fine-tune / fine-tune + hybrid retrieval from the run's evaluation (needs --target)"),
              target: Optional[float] = typer.Option(None, "--target", help="with --decide: the NDCG@10 the application needs, e.g. 0.55")) -> None:
     """Stage 4: compare base and fine-tuned models; or, with --model and --out, evaluate models on --eval-set folders."""
+    import functools
+
     from embedforge import evaluate as evaluate_stage
+    from embedforge import runs
+    from embedforge.embeddings import load_model
 
     if decide:
         # Reads the run's finished evaluation; it never starts the (possibly long) pipeline itself.
@@ -165,7 +169,9 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
     config = load_config(config_file, overrides)
     if out is None or not config.evaluate.eval_set:
         raise EmbedforgeError("Standalone evaluation needs --eval-set DIR and --out DIR", where="embedforge evaluate --model", fix="add --eval-set and --out")
-    eval_sets = [evaluate_stage.load_beir(folder) for folder in config.evaluate.eval_set]
+    # With --chunk-tokens, documents are cut by the first model's tokens and rank at their best passage, for every model alike.
+    reference = functools.lru_cache(maxsize=1)(lambda: load_model(model[0]))
+    eval_sets = [runs.cut_as_asked(evaluate_stage.load_beir(folder), config, reference) for folder in config.evaluate.eval_set]
     labels = [Path(name).name if Path(name).exists() else name for name in model]
     # A folder's name is a readable label; folders with the same name (run1/model, run2/model) keep their paths.
     labels = [label if labels.count(label) == 1 else name for label, name in zip(labels, model)]

@@ -328,14 +328,7 @@ class Run:
         )
 
     def _cut_as_asked(self, eval_set):
-        """With --chunk-tokens, a labelled eval set's documents are cut as the corpus is (its qrels
-        name documents: each scores what its best passage scores); without, they stay whole, as
-        published baselines score them."""
-        if not self.config.corpus.chunk_tokens:
-            return eval_set
-        model = self.base_model
-        return evaluate_stage.cut_documents(eval_set, lambda passages: cut_records(
-            passages, self.config.corpus, model.tokenizer, model.max_seq_length, encoder_prompts(self.config).get("document", ""), {}))
+        return cut_as_asked(eval_set, self.config, lambda: self.base_model)
 
     def record(self, plan: StagePlan, entry: dict) -> None:
         if process_rank() != 0:
@@ -491,6 +484,17 @@ def dev_guard_note(improved_on_dev: bool | None, labelled_sets: int) -> str | No
         "The fine-tuned model was NOT better than the base model on the dev split (queries written like the training ones). "
         "The human-labelled eval set decides: keep the base model unless its verdict below is 'better'."
     )
+
+
+def cut_as_asked(eval_set, config: RunConfig, model: Callable):
+    """With --chunk-tokens, a labelled eval set's documents are cut as the corpus is, by the
+    tokens of `model()` (its qrels name documents: each scores what its best passage scores);
+    without, they stay whole, as published baselines score them."""
+    if not config.corpus.chunk_tokens:
+        return eval_set
+    encoder = model()
+    return evaluate_stage.cut_documents(eval_set, lambda passages: cut_records(
+        passages, config.corpus, encoder.tokenizer, encoder.max_seq_length, encoder_prompts(config).get("document", ""), {}))
 
 
 def merge_note(train_stats: dict) -> str | None:

@@ -343,3 +343,16 @@ def test_a_model_that_forgets_is_offered_the_least_merged_model_that_does_not(be
     stage.evaluate([regression], [("base", tiny_model), ("fine-tuned", str(tuned))], tmp_path / "out", None, resamples=200, seed=0, bm25=False,
                    offer_merge_of="fine-tuned")
     assert "merge_offer" not in json.loads((tmp_path / "out" / "results.json").read_text()) and not list((tmp_path / "out").glob("merged-*"))
+
+
+def test_standalone_evaluate_cuts_documents_when_asked(beir_folder, tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from embedforge.cli import app
+
+    arguments = ["evaluate", "--eval-set", str(beir_folder), "--model", tiny_model, "--cache", str(tmp_path / "cache"), "--bootstrap-resamples", "200"]
+    for name, extra in (("whole", []), ("cut", ["--chunk-tokens", "12"])):
+        result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    whole, cut = (json.loads((tmp_path / name / "results.json").read_text())["eval_sets"]["toy"] for name in ("whole", "cut"))
+    assert "documents" not in whole and cut["documents"] == whole["passages"] < cut["passages"]
