@@ -51,6 +51,7 @@ class GenerateConfig(_Frozen):
     min_pairs: int = Field(1000, ge=1)
     queries_per_passage: int = Field(1, ge=1, le=20)
     max_rounds: int = Field(4, ge=1)
+    barren_rounds: int = Field(2, ge=0, description="a passage whose answers gave no accepted training query in this many rounds is not asked in later ones (0: ask every round)")
     max_requests: int | None = Field(None, ge=1, description="stop after this many new LLM calls")
     max_cost: float | None = Field(None, gt=0, description="stop once new calls cost this many USD (from token usage and the prices below; calls in flight finish)")
     price_input_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens, for cost totals and max_cost")

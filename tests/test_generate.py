@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_new_rounds_ask_again_then_fail_with_a_clear_message(tmp_path):
     # Every answer is the same text: only the first is accepted, the rest are duplicates.
     llm = ScriptedLLM(answer=lambda passage, call: "the same query every time")
     with pytest.raises(EmbedforgeError) as caught:
-        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=5, max_rounds=3), llm, seed=0)
+        generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=5, max_rounds=3, barren_rounds=0), llm, seed=0)
     assert "fewer than min_pairs=5" in caught.value.message and "3 rounds" in caught.value.message
     ledger = read_jsonl(tmp_path / "requests.jsonl")
     assert {row["sample_index"] for row in ledger} == {0, 1, 2}
@@ -327,3 +328,28 @@ def test_objects_from_before_the_calls_are_frozen_during_them_and_released_after
         assert gc.get_freeze_count() > theirs // 2
     finally:
         gc.unfreeze()
+
+
+def test_a_passage_that_gave_nothing_in_barren_rounds_rounds_is_not_asked_again(tmp_path):
+    passages = make_passages()
+    barren = {p["text"] for p in passages[:10]}  # the fake model sees the passage's text
+
+    def answer(text, call):  # the barren passages answer with an instruction, which the filters reject
+        return "Here is a query about the passage" if text in barren else f"{from_passage(text, call)} case {call}"  # never a duplicate
+
+    asked = {}
+    for rounds in (0, 2):
+        asked[rounds] = Counter()
+
+        class Recording(ScriptedLLM):
+            async def complete(self, messages, **options):
+                asked[rounds][passage_of(messages)] += 1
+                return await super().complete(messages, **options)
+
+        with pytest.raises(EmbedforgeError):  # min_pairs is out of reach: all 4 rounds run
+            generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / str(rounds), _config(min_pairs=10_000, max_rounds=4, barren_rounds=rounds), Recording(answer), seed=0)
+    train = {pid for pid, count in asked[0].items() if count == 4}  # held-out passages are asked once, before the rounds
+    assert train & barren and train - barren
+    assert all(asked[2][pid] == 2 for pid in train & barren)  # two barren rounds, then left out
+    assert all(asked[2][pid] == 4 for pid in train - barren)
+    assert {pid: count for pid, count in asked[2].items() if pid not in train} == {pid: count for pid, count in asked[0].items() if pid not in train}

@@ -78,6 +78,7 @@ class Stats:
     failed_requests: int = 0
     retries: Counter = field(default_factory=Counter)  # failed attempts that were retried (or ran out), by status
     backoffs: int = 0
+    barren_skipped: int = 0  # passage asks left out of a round: earlier rounds of that passage gave nothing
 
     def as_dict(self) -> dict:
         return {
@@ -96,6 +97,7 @@ class Stats:
             "accepted": dict(self.accepted),
             "rejected": dict(self.rejected),
             "rounds": self.rounds,
+            "barren_skipped": self.barren_skipped,
         }
 
 
@@ -153,6 +155,7 @@ class _Generation:
         self.recent: deque[bool] = deque(maxlen=FAILING_WINDOW)  # True for a failed request
         self.failed_statuses: Counter = Counter()
         self.chunk = max(64, config.concurrency * 4)
+        self.barren: Counter = Counter()  # passage id -> rounds whose answer gave no accepted training query
         self.ledger: JsonlAppender | None = None
 
     # --- one request --------------------------------------------------------------------------
@@ -283,11 +286,13 @@ class _Generation:
         use_round_trip = self.round_trip and config.round_trip_k and train_candidates
         ranks = self.round_trip([c[2] for c in train_candidates], [c[0].passage["_id"] for c in train_candidates]) if use_round_trip else []
         rank_of = {id(c): rank for c, rank in zip(train_candidates, ranks)}
+        fruitful = set()
         for candidate in candidates:
             work, position, query, key = candidate
             if id(candidate) in rank_of and rank_of[id(candidate)] >= config.round_trip_k:
                 self.reject(work, query, "round_trip", key)
                 continue
+            fruitful.add(id(work))
             stats.accepted[work.split] += 1
             self.accepted.append(
                 {
@@ -299,6 +304,9 @@ class _Generation:
                     "request_sha": key,
                 }
             )
+        for work, _, completion, _, _ in results:
+            if completion is not None and work.split == "train" and id(work) not in fruitful:
+                self.barren[work.passage["_id"]] += 1
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -347,7 +355,11 @@ class _Generation:
                 if self.enough() or self.budget_spent():
                     break
                 stats.rounds = sample_index + 1
-                work = [_Work(p, "train", sample_index) for p in self.by_split["train"]]
+                # A passage whose answers gave nothing in barren_rounds rounds would most likely give
+                # nothing again: on the embedded model, each such ask is seconds of CPU thrown away.
+                asked = [p for p in self.by_split["train"] if not config.barren_rounds or self.barren[p["_id"]] < config.barren_rounds]
+                stats.barren_skipped += len(self.by_split["train"]) - len(asked)
+                work = [_Work(p, "train", sample_index) for p in asked]
                 await self.in_order(self.chunks(work), _NullBar(), needed_after, chunk_done)
 
     def write_decided(self) -> None:
@@ -412,6 +424,9 @@ class _Generation:
         )
         if stats.failed_requests:
             why += f"; {stats.failed_requests} requests failed (asked again on a rerun)"
+        if stats.barren_skipped:
+            why += (f"; {stats.barren_skipped} asks were left out, of passages whose answers gave nothing in {config.barren_rounds} rounds "
+                    "(--barren-rounds 0 asks every passage every round)")
         raise EmbedforgeError(
             f"Only {stats.accepted['train']} training pairs passed the filters, fewer than min_pairs={config.min_pairs}: {why}. "
             f"Rejected so far, by reason: {_counts(stats.rejected) or 'none'} (each in {self.out_dir / 'rejects.jsonl'})",
