@@ -305,7 +305,7 @@ class Run:
 
     def _run_evaluate(self, plan: StagePlan) -> dict:
         synthetic = evaluate_stage.load_beir(
-            self.path(EVAL_DIR), "test", passages=self.passages, name="synthetic-test",
+            self.path(EVAL_DIR), "test", passages=self.passages, name=evaluate_stage.SYNTHETIC_TEST,
             source="LLM-written queries for held-out test passages of this corpus",
         )
         eval_sets = [synthetic] + [self._cut_as_asked(evaluate_stage.load_beir(folder)) for folder in self.config.evaluate.eval_set]
@@ -324,7 +324,7 @@ class Run:
         return evaluate_stage.evaluate(
             eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
-            encode_backend=self.config.encode_backend, offer_merge_of="fine-tuned",
+            encode_backend=self.config.encode_backend, fine_tuned="fine-tuned", dev_improved=train_entry.get("stats", {}).get("improved_on_dev"),
         )
 
     def _cut_as_asked(self, eval_set):

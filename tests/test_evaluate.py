@@ -329,7 +329,7 @@ def test_a_model_that_forgets_is_offered_the_least_merged_model_that_does_not(be
     monkeypatch.setattr(stage, "evaluate_model", scored)
     (tmp_path / "out" / "merged-0.25").mkdir(parents=True)  # an earlier evaluation's offer
     summary = stage.evaluate([human, regression], [("base", tiny_model), ("fine-tuned", str(tuned))], tmp_path / "out", None, resamples=200, seed=0,
-                             bm25=False, offer_merge_of="fine-tuned")
+                             bm25=False, fine_tuned="fine-tuned")
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["merge_offer"] == {"of": "fine-tuned", "alpha": 0.5, "model": str(tmp_path / "out" / "merged-0.5"),
                                       "forgets_by_alpha": {"0.75": ["regression:toy"], "0.5": []}}
@@ -341,7 +341,7 @@ def test_a_model_that_forgets_is_offered_the_least_merged_model_that_does_not(be
     # Nothing forgotten: nothing merged or offered.
     values[str(tuned)] = 1.0
     stage.evaluate([regression], [("base", tiny_model), ("fine-tuned", str(tuned))], tmp_path / "out", None, resamples=200, seed=0, bm25=False,
-                   offer_merge_of="fine-tuned")
+                   fine_tuned="fine-tuned")
     assert "merge_offer" not in json.loads((tmp_path / "out" / "results.json").read_text()) and not list((tmp_path / "out").glob("merged-*"))
 
 
@@ -356,3 +356,23 @@ def test_standalone_evaluate_cuts_documents_when_asked(beir_folder, tmp_path, ti
         assert result.exit_code == 0, result.output
     whole, cut = (json.loads((tmp_path / name / "results.json").read_text())["eval_sets"]["toy"] for name in ("whole", "cut"))
     assert "documents" not in whole and cut["documents"] == whole["passages"] < cut["passages"]
+
+
+@pytest.mark.parametrize("dev_improved, human_value, says", [(True, 0.5, True), (True, 1.0, False), (False, 0.5, False), (None, 0.5, False)])
+def test_when_dev_rises_and_a_human_set_falls_the_human_set_decides(beir_folder, tmp_path, monkeypatch, dev_improved, human_value, says):
+    from embedforge.evaluate import stage
+
+    synthetic, human = load_beir(beir_folder, name=stage.SYNTHETIC_TEST), load_beir(beir_folder, name="human")
+
+    def scored(name, eval_set, *arguments, **options):
+        # The fine-tuned model is worse than the base on the synthetic set too: only human sets are judged.
+        value = 1.0 if name == "base-model" else (human_value if eval_set.name == "human" else 0.5)
+        per_query = {query: value for query in eval_set.queries}
+        return {"binary": {metric: per_query for metric in METRICS}, "graded": {"ndcg@10": per_query}, "ranked": {query: [] for query in eval_set.queries}}
+
+    monkeypatch.setattr(stage, "evaluate_model", scored)
+    stage.evaluate([synthetic, human], [("base", "base-model"), ("fine-tuned", "tuned-model")], tmp_path / "out", None, resamples=200, seed=0, bm25=False,
+                   fine_tuned="fine-tuned", dev_improved=dev_improved)
+    note = "The dev split rose, but on human (human-labelled) fine-tuned is worse than base"
+    assert (note in (tmp_path / "out" / "report.md").read_text()) == says
+    assert not says or "synthetic-test" not in next(n for n in json.loads((tmp_path / "out" / "results.json").read_text())["notes"] if n.startswith("The dev split rose"))

@@ -16,7 +16,7 @@ Modules: data (BEIR eval sets), metrics (pure IR metrics and paired statistics),
 stage (compare / evaluate), decision (the fine-tune-or-not helper).
 """
 
-from embedforge.evaluate.data import EvalSet, check_eval_set, cut_documents, eval_set_files, load_beir, read_qrels
+from embedforge.evaluate.data import SYNTHETIC_TEST, EvalSet, check_eval_set, cut_documents, eval_set_files, load_beir, read_qrels
 from embedforge.evaluate.decision import Decision, decide, decide_for_run, measure_throughput
 from embedforge.evaluate.leaks import contamination
 from embedforge.evaluate.metrics import METRICS, ir_metrics, paired_bootstrap, randomization_p_value, verdict

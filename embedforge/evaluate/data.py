@@ -11,6 +11,9 @@ from embedforge.errors import EmbedforgeError
 from embedforge.files import iter_jsonl, sha256_file, sha256_json
 
 
+SYNTHETIC_TEST = "synthetic-test"  # the run's held-out set of LLM-written queries: every other target set is human-labelled
+
+
 @dataclass
 class EvalSet:
     name: str

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from embedforge.errors import EmbedforgeError
+from embedforge.evaluate.data import SYNTHETIC_TEST
 from embedforge.evaluate.metrics import verdict
 from embedforge.files import iter_jsonl, read_json
 from embedforge.text import format_duration
@@ -111,7 +112,7 @@ def decide_for_run(run_dir: Path, target: float, throughput: float | None = None
         raise EmbedforgeError("The run's manifest records no mined training pairs", where=str(manifest_path), fix=f"run `embedforge mine --run {run_dir}` first")
     # Human-labelled eval sets are the honest yardstick; the synthetic test set flatters fine-tuning.
     names = list(results["eval_sets"])
-    name = eval_set or next((n for n in names if n != "synthetic-test"), names[0])
+    name = eval_set or next((n for n in names if n != SYNTHETIC_TEST), names[0])
     if name not in results["eval_sets"]:
         raise EmbedforgeError(f"No eval set {name!r} in the results", where=str(results_path), fix=f"use one of {', '.join(names)}")
     entry, reference = results["eval_sets"][name], results["reference"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedforge.evaluate.data import EvalSet
+from embedforge.evaluate.data import SYNTHETIC_TEST, EvalSet
 from embedforge.evaluate.leaks import contamination
 from embedforge.evaluate.metrics import paired_bootstrap, randomization_p_value, verdict
 from embedforge.evaluate.report import render_chart, render_report
@@ -132,6 +132,20 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
     return results
 
 
+def judge_note(results: dict, label: str, dev_improved: bool | None) -> str | None:
+    """When the dev split (queries written like the training ones) says `label` improved and a
+    human-labelled set says it is worse, which one decides: the human-labelled set. (The
+    opposite case is the train guard's note.)"""
+    if not dev_improved:
+        return None
+    worse = [name for name, entry in results["eval_sets"].items()
+             if entry["role"] == "target" and name != SYNTHETIC_TEST and entry["models"].get(label, {}).get("versus_reference", {}).get("ndcg@10", {}).get("verdict") == "worse"]
+    if not worse:
+        return None
+    return (f"The dev split rose, but on {', '.join(worse)} (human-labelled) {label} is worse than {results['reference']}: "
+            f"dev queries are written like the training ones and flatter it, so the human-labelled set decides: keep {results['reference']}.")
+
+
 def forgotten(results: dict, label: str) -> list[str]:
     """The regression sets on which the model `label` forgets."""
     return [name for name, entry in results["eval_sets"].items() if entry["models"].get(label, {}).get("regression") == "forgets"]
@@ -172,13 +186,15 @@ def merge_offer_note(offer: dict, results: dict) -> str:
 
 def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
              batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None,
-             prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch", offer_merge_of: str | None = None) -> dict:
+             prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch", fine_tuned: str | None = None,
+             dev_improved: bool | None = None) -> dict:
     """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
 
     With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
     `train_rows` (mine/train.jsonl), each eval set is checked for test data among the training pairs.
-    With `offer_merge_of` (a model's label), a merge of that model with the reference is offered
-    when it forgets a regression set (see offer_merge).
+    `fine_tuned` is the label of the fine-tuned model, if one is compared: it is offered a merge
+    with the reference when it forgets a regression set (see offer_merge), and `dev_improved`
+    (the train stage's dev verdict on it) is weighed against the human-labelled sets (judge_note).
     """
     out_dir = Path(out_dir)
     models = list(models)
@@ -186,10 +202,13 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
         models.append(("bm25", BM25_MODEL))
     results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend)
     notes = list(notes or []) + regression_notes(results)
+    judged = judge_note(results, fine_tuned, dev_improved) if fine_tuned else None
+    if judged:
+        notes.append(judged)
     for stale in out_dir.glob("merged-*"):  # an earlier evaluation's offer, of another model
         shutil.rmtree(stale)
-    if offer_merge_of and forgotten(results, offer_merge_of):
-        results["merge_offer"] = offer_merge(results, eval_sets, models, offer_merge_of, out_dir, cache_dir, resamples, seed, batch_size, encode_backend)
+    if fine_tuned and forgotten(results, fine_tuned):
+        results["merge_offer"] = offer_merge(results, eval_sets, models, fine_tuned, out_dir, cache_dir, resamples, seed, batch_size, encode_backend)
         notes.append(merge_offer_note(results["merge_offer"], results))
     results["notes"] = notes
     render_chart(results, out_dir / "report.png")
