@@ -212,6 +212,8 @@ def init(directory: Path = typer.Argument(Path("."), help="where to write embedf
             shutil.copyfile(prompt, directory / "prompts" / prompt.name)
     write_text(target, commented_toml("prompts/question.toml"))
     typer.echo(f"Wrote {target} and {directory / 'prompts'}/. Edit them, then: embedforge run --config {target}")
+    typer.echo("To know whether the fine-tuned model is better, and what it forgets, set under [evaluate]: eval_set, a human-labelled "
+               "BEIR folder of your domain, and regression_set, one of a domain the base model already serves (e.g. a BEIR dataset).")
 
 
 @app.command()

@@ -44,6 +44,7 @@ def test_every_config_field_is_a_flag():
 def test_init_writes_a_loadable_commented_config(tmp_path):
     result = cli("init", str(tmp_path / "project"))
     assert result.returncode == 0, result.stderr
+    assert "regression_set" in result.stdout and "eval_set" in result.stdout
     config = load_config(tmp_path / "project" / "embedforge.toml")
     assert config.model_dump(exclude={"run", "cache"}) == RunConfig().model_dump(exclude={"run", "cache"}) | {
         "generate": {**RunConfig().generate.model_dump(), "prompt": (tmp_path / "project" / "prompts" / "question.toml").resolve()}
