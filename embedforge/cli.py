@@ -148,6 +148,7 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
 
     from embedforge import evaluate as evaluate_stage
     from embedforge import runs
+    from embedforge.embeddings.cluster import connect, engine_of
     from embedforge.embeddings import load_model
 
     if decide:
@@ -179,8 +180,11 @@ def evaluate(overrides: dict, config_file: Optional[Path] = ConfigFile,
         raise EmbedforgeError("The same model is given twice", where="--model", fix="pass each model once")
     # Standalone, --query-prompt/--passage-prompt apply to every --model (a model's own prompts otherwise).
     prompts = {name: encoder_prompts(config) for name in model}
+    engine = engine_of(config)
+    if engine is not None:
+        connect(engine)
     evaluate_stage.evaluate(eval_sets, list(zip(labels, model)), out, config.cache, config.evaluate.bootstrap_resamples, config.seed, config.encode_batch_size,
-                            prompts=prompts, encode_backend=config.encode_backend)
+                            prompts=prompts, encode_backend=config.encode_backend, engine=engine)
     typer.echo((Path(out) / "report.md").read_text(encoding="utf-8"))
 
 
@@ -227,28 +231,41 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
             devices: Optional[str] = typer.Option(None, "--devices", help="comma-separated devices, one encoding process each: cuda:0,cuda:1 or cpu,cpu"),
             encode_backend: str = typer.Option("auto", "--encode-backend", help=_field_info("encode_backend").description),
             cache: Path = typer.Option(Path("cache"), "--cache", help="where an exported encoder is kept (a fine-tuned model ships its own)"),
+            engine: str = typer.Option("local", "--engine", help=_field_info("engine").description),
+            ray_address: str = typer.Option("auto", "--ray-address", help=_field_info("ray_address").description),
+            ray_actors: int = typer.Option(2, "--ray-actors", help=_field_info("ray_actors").description),
+            ray_gpus_per_actor: float = typer.Option(0.0, "--ray-gpus-per-actor", help=_field_info("ray_gpus_per_actor").description),
+            ray_cpus_per_actor: float = typer.Option(1.0, "--ray-cpus-per-actor", help=_field_info("ray_cpus_per_actor").description),
             dry_run: bool = typer.Option(False, "--dry-run", help="time a sample and print the estimated encoding time; write nothing")) -> None:
     """Embed a corpus with a (fine-tuned) model into an index folder: resumable, and incremental on rerun."""
     from embedforge import reindex as reindexing
+    from embedforge.embeddings.cluster import ENGINES, engine_of
     from embedforge.config import CorpusConfig
     from embedforge.corpus import describe as describe_corpus
     from embedforge.corpus import check_source, read_corpus
     from embedforge.embeddings import load_model
 
     _setup_logging()
+    if engine not in ENGINES:
+        raise EmbedforgeError(f"Unknown engine {engine!r}", where="--engine", fix=f"use one of {', '.join(ENGINES)}")
+    ray = engine_of(RunConfig(engine=engine, ray_address=ray_address, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor))
     settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices),
-                                          encode_backend=encode_backend, cache=cache)
-    settings.check()  # before the corpus is read: a typo should not cost a corpus load
+                                          encode_backend=encode_backend, cache=cache, engine=ray)
+    settings.check()  # before the corpus is read (and, on Ray, joins the cluster): a typo should not cost a corpus load
     check_source(corpus)
-    encoder = load_model(model)  # for its tokenizer: a raw corpus is cut as a run cuts it
+    # The model that encodes is loaded once, and its tokenizer cuts a raw corpus as a run cuts it;
+    # several --devices load their own copies, so then it serves for the tokenizer only.
+    several = len(settings.devices) > 1
+    encoder = load_model(model, device=None if several or not settings.devices else settings.devices[0],
+                         backend="torch" if several else encode_backend, cache_dir=cache)
     passages, report = read_corpus(CorpusConfig(corpus=corpus), encoder.tokenizer, encoder.max_seq_length, encoder.prompts.get("document", ""))
-    del encoder
     for line in describe_corpus(report):
         typer.echo(f"corpus: {line}")
+    given = None if several else encoder
     if dry_run:
-        typer.echo(reindexing.estimate(model, passages, out, settings).render())
+        typer.echo(reindexing.estimate(model, passages, out, settings, model=given).render())
         return
-    typer.echo(reindexing.reindex(model, passages, out, settings).render(out))
+    typer.echo(reindexing.reindex(model, passages, out, settings, model=given).render(out))
 
 
 @app.command()

@@ -24,7 +24,7 @@ DEFAULT_PROMPT = PROMPTS_DIR / "question.toml"
 DEFAULT_BASE_MODEL = "all-MiniLM-L6-v2"
 LOCAL_LLM = "SmolLM2-135M-Instruct"
 
-RUNTIME_ONLY = {"concurrency", "encode_batch_size", "timeout", "max_attempts", "max_wait_total", "export_batch", "import_batch", "keep_checkpoints"}
+RUNTIME_ONLY = {"engine", "ray_address", "ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor", "concurrency", "encode_batch_size", "timeout", "max_attempts", "max_wait_total", "export_batch", "import_batch", "keep_checkpoints"}
 
 
 class _Frozen(BaseModel):
@@ -139,6 +139,11 @@ class RunConfig(_Frozen):
     encode_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
         "auto", description="what runs the encoder for corpus and query vectors: auto = the fastest installed backend whose vectors agree with torch's (checked once per model), torch on a GPU; onnx-int8 = quantized (other vectors, so other caches)"
     )
+    engine: Literal["local", "ray"] = Field("local", description="where corpus encodings run (the base model's corpus cache, the evaluations, reindex): this machine, or a Ray cluster through ray.data; same vectors either way")
+    ray_address: str = Field("auto", description="the Ray cluster for engine = ray: auto (started by `ray start` on this machine or its cluster), host:port, ray://host:10001, or local (Ray in this process)")
+    ray_actors: int = Field(2, ge=1, description="encoding actors on Ray, one model each")
+    ray_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each Ray actor holds (0: CPU actors)")
+    ray_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each Ray actor holds (and the torch threads of a CPU actor)")
     index: Literal["auto", "flat", "ivf", "hnsw"] = Field("auto", description="FAISS index over the base model's corpus embeddings: auto = exact up to exact_max passages, else IVF")
     exact_max: int = Field(1_000_000, ge=1, description="largest corpus searched exactly when index = auto")
     nprobe: int = Field(32, ge=1, description="IVF lists probed per query (HNSW: efSearch = 4 x nprobe)")

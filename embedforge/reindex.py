@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from embedforge.backends import check_backend, vectors_key
-from embedforge.embeddings import IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text, resolve_model
+from embedforge.embeddings.cluster import RaySettings, connect, make_encoder
+from embedforge.embeddings import (IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text,
+                                   resolve_model)
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, iter_jsonl, read_json, sha256_text, write_json
 from embedforge.text import format_duration
@@ -54,9 +56,14 @@ class ReindexSettings:
     # torch and no cache for a library caller; the CLI passes --encode-backend (default auto) and --cache.
     encode_backend: str = "torch"
     cache: Path | None = None  # where an exported encoder is kept (a fine-tuned model ships its own)
+    engine: RaySettings | None = None  # encode on Ray (same vectors, same files); None: in this process
 
     def check(self) -> None:
+        """Settings errors before any work; with `engine`, also joins the Ray cluster."""
         check_backend(self.encode_backend)
+        if self.engine is not None and self.devices:
+            raise EmbedforgeError("--devices names this machine's devices; on Ray, actors hold them", where="--devices / --engine ray",
+                                  fix="drop --devices and set --ray-actors and --ray-gpus-per-actor")
         if vectors_key(self.encode_backend) and len(self.devices) > 1:
             raise EmbedforgeError(f"--encode-backend {self.encode_backend} encodes in one process; several --devices encode with torch",
                                   where="--encode-backend / --devices", fix="drop --devices, or use an fp32 backend (auto, torch, onnx, openvino)")
@@ -66,6 +73,8 @@ class ReindexSettings:
             raise EmbedforgeError(f"Unknown index kind {self.index!r}", where="--index", fix=f"use one of {', '.join(INDEX_KINDS)}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise EmbedforgeError("Shard size and batch size must be at least 1", where="--shard-size / --batch-size", fix="pass positive numbers")
+        if self.engine is not None:
+            connect(self.engine)
 
 
 @dataclass
@@ -115,11 +124,6 @@ class Hit:
 
 def parse_devices(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
-
-
-def encode_passages(model, texts: list[str], batch_size: int, pool=None, progress=False) -> np.ndarray:
-    """Document vectors for one shard; `progress` is the shard loop's bar."""
-    return encode_texts(model, texts, batch_size, kind="document", pool=pool, progress=progress)
 
 
 def resolve_index_kind(kind: str, count: int) -> str:
@@ -328,14 +332,16 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
     if plan.pending:
         model, pool = _open_model(model_name, settings, model)
         encode_started = time.perf_counter()
+        encoder = make_encoder(model, model_name, settings.batch_size, settings.engine, pool, settings.cache)
+        pending_texts = [plan.texts[p] for p in plan.pending]
         try:
             with tqdm(total=len(plan.pending), desc="reindex", unit="passage", unit_scale=True, disable=None) as progress:
-                for start in range(0, len(plan.pending), settings.shard_size):
-                    positions = plan.pending[start : start + settings.shard_size]
-                    texts = [plan.texts[p] for p in positions]
-                    vectors = encode_passages(model, texts, settings.batch_size, pool, progress)
+                # A shard holds the passages in the order they were encoded (on Ray, as actors finish).
+                for rows, vectors in encoder.stream(pending_texts, settings.shard_size, progress):
+                    positions = [plan.pending[row] for row in rows]
                     shard = f"shard-{plan.next_number + shards_written:06d}"
-                    _write_shard(out_dir, shard, [plan.ids[p] for p in positions], texts, [plan.hashes[p] for p in positions], vectors, plan.identity, settings.dtype)
+                    _write_shard(out_dir, shard, [plan.ids[p] for p in positions], [plan.texts[p] for p in positions], [plan.hashes[p] for p in positions],
+                                 vectors, plan.identity, settings.dtype)
                     shards_written += 1
                     for row, position in enumerate(positions):
                         plan.located[plan.hashes[position]] = (shard, row)

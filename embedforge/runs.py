@@ -28,6 +28,7 @@ from embedforge import generate as generate_stage
 from embedforge import mine as mine_stage
 from embedforge import train as train_stage
 from embedforge.backends import vectors_key
+from embedforge.embeddings.cluster import connect, engine_of, make_encoder
 from embedforge.config import RunConfig, encoder_prompts, fingerprint_fields, toml_literal
 from embedforge.corpus import describe as describe_corpus
 from embedforge.corpus import check_source, cut_records, read_corpus, read_qrels, split_of
@@ -127,7 +128,8 @@ class Run:
 
         spec = IndexSpec(self.config.index, self.config.exact_max, self.config.nprobe)
         return corpus_embeddings(self.config.base_model, self.passages, self.cache, self.config.encode_batch_size, model=self.base_model, index_spec=spec,
-                                 prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend)
+                                 prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend,
+                                 encoder=make_encoder(self.base_model, self.config.base_model, self.config.encode_batch_size, engine_of(self.config), cache_dir=self.cache))
 
     def encode_queries(self, texts: list[str]):
         from embedforge.embeddings import encode_texts
@@ -169,6 +171,8 @@ class Run:
                 raise EmbedforgeError(f"The {flag} file does not exist", where=str(path), fix=f"check {flag}: the path names no file")
         for folder in (*self.config.evaluate.eval_set, *self.config.evaluate.regression_set):
             evaluate_stage.check_eval_set(folder)
+        if engine_of(self.config) is not None:
+            connect(engine_of(self.config))  # an unreachable cluster is an error now, not after the LLM calls
 
     def check_models(self, selected: list[str]) -> None:
         """Load the models the selected stages need (kept for them) before anything is paid for."""
@@ -325,6 +329,7 @@ class Run:
             eval_sets, models, self.path(plan.name), self.cache, self.config.evaluate.bootstrap_resamples, self.config.seed,
             self.config.encode_batch_size, notes, train_rows=train_rows, prompts={self.config.base_model: encoder_prompts(self.config)},
             encode_backend=self.config.encode_backend, fine_tuned="fine-tuned", dev_improved=train_entry.get("stats", {}).get("improved_on_dev"),
+            engine=engine_of(self.config),
         )
 
     def _cut_as_asked(self, eval_set):

@@ -19,7 +19,7 @@ from embedforge.reindex import ReindexSettings
 from conftest import make_passages, write_corpus
 
 SETTINGS = ReindexSettings(shard_size=8, batch_size=4)
-ENCODE = reindexing.encode_passages
+MAKE_ENCODER = reindexing.make_encoder
 PLANTED = {"_id": "planted", "title": "", "text": "what about volcano glacier history"}
 
 
@@ -35,19 +35,24 @@ class Killed(Exception):
 
 
 class CountingEncoder:
-    """Wraps encode_passages: counts calls and texts, and raises after `fail_after` calls (a kill)."""
+    """Stands in for make_encoder: counts the texts encoded, and raises after `fail_after` chunks (a kill)."""
 
     def __init__(self, fail_after: int | None = None):
         self.fail_after = fail_after
         self.calls = 0
         self.texts: list[str] = []
 
-    def __call__(self, model, texts, batch_size, pool=None, progress=False):
-        if self.fail_after is not None and self.calls >= self.fail_after:
-            raise Killed("killed")
-        self.calls += 1
-        self.texts.extend(texts)
-        return ENCODE(model, texts, batch_size, pool, progress)
+    def __call__(self, *args, **kwargs):
+        self.inner = MAKE_ENCODER(*args, **kwargs)
+        return self
+
+    def stream(self, texts, chunk_size, progress=None):
+        for rows, vectors in self.inner.stream(texts, chunk_size, progress):
+            if self.fail_after is not None and self.calls >= self.fail_after:
+                raise Killed("killed")
+            self.calls += 1
+            self.texts.extend(texts[row] for row in rows)
+            yield rows, vectors
 
 
 def index_state(folder: Path) -> tuple[list[str], np.ndarray]:
@@ -64,8 +69,8 @@ def test_killed_reindex_resumes_to_the_same_index(tiny_model, model, tmp_path, m
     reference = reindexing.reindex(tiny_model, passages, tmp_path / "reference", SETTINGS, model=model)
     assert reference.encoded == 40 and reference.shards_written == 5
 
-    killer = CountingEncoder(fail_after=2)  # one call per shard here: dies during the third shard
-    monkeypatch.setattr(reindexing, "encode_passages", killer)
+    killer = CountingEncoder(fail_after=2)  # one chunk per shard: dies with the third shard encoded, not written
+    monkeypatch.setattr(reindexing, "make_encoder", killer)
     with pytest.raises(Killed):
         reindexing.reindex(tiny_model, passages, tmp_path / "killed", SETTINGS, model=model)
     shards = tmp_path / "killed" / "shards"
@@ -76,7 +81,7 @@ def test_killed_reindex_resumes_to_the_same_index(tiny_model, model, tmp_path, m
         reindexing.search(tmp_path / "killed", "volcano", model=model)
 
     counter = CountingEncoder()
-    monkeypatch.setattr(reindexing, "encode_passages", counter)
+    monkeypatch.setattr(reindexing, "make_encoder", counter)
     resumed = reindexing.reindex(tiny_model, passages, tmp_path / "killed", SETTINGS, model=model)
     assert (resumed.encoded, resumed.reused) == (24, 16)
     assert len(counter.texts) == 24
@@ -101,7 +106,7 @@ def test_incremental_reindex_encodes_only_changed_and_new(tiny_model, model, tmp
         passage["text"] += " and its history"  # 3 changed
     edited += [PLANTED, {"_id": "new001", "title": "river", "text": "the river and the harbor"}]  # 2 added
     counter = CountingEncoder()
-    monkeypatch.setattr(reindexing, "encode_passages", counter)
+    monkeypatch.setattr(reindexing, "make_encoder", counter)
     stats = reindexing.reindex(tiny_model, edited, folder, SETTINGS, model=model)
     assert sorted(counter.texts) == sorted(reindexing.passage_text(p) for p in edited[:3] + edited[-2:])
     assert (stats.total, stats.encoded, stats.reused, stats.dropped) == (38, 5, 33, 4)

@@ -24,11 +24,13 @@ BM25_SETTINGS = {"k1": 1.5, "b": 0.75, "method": "lucene", "stopwords": "en", "s
 
 
 def retrieve(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int, prompts: dict[str, str] | None = None,
-             encode_backend: str = "torch") -> dict[str, list[str]]:
+             encode_backend: str = "torch", engine=None) -> dict[str, list[str]]:
+    from embedforge.embeddings.cluster import make_encoder
     from embedforge.embeddings import corpus_embeddings, encode_texts, load_model
 
     model = load_model(model_name, prompts=prompts, backend=encode_backend, cache_dir=cache_dir)
-    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts, encode_backend=encode_backend)
+    embeddings = corpus_embeddings(model_name, eval_set.passages, cache_dir, batch_size=batch_size, model=model, prompts=prompts, encode_backend=encode_backend,
+                                   encoder=make_encoder(model, model_name, batch_size, engine, cache_dir=cache_dir))
     query_ids = list(eval_set.queries)
     query_vectors = encode_texts(model, [eval_set.queries[q] for q in query_ids], batch_size, kind="query")
     _, indices = embeddings.search(query_vectors, _depth(eval_set))
@@ -92,15 +94,16 @@ def result_key(model_name: str, eval_set: EvalSet, prompts: dict[str, str] | Non
 
 
 def evaluate_model(model_name: str, eval_set: EvalSet, cache_dir: Path | None, batch_size: int = 64, prompts: dict[str, str] | None = None,
-                   encode_backend: str = "torch") -> dict:
+                   encode_backend: str = "torch", engine=None) -> dict:
     """{"binary": per-query metrics, "graded": per-query metrics, "ranked": top-100 ids per query}, cached by content.
 
-    `prompts` override the model's own query/document prompts.
+    `prompts` override the model's own query/document prompts; `engine` (a `embeddings.cluster.RaySettings`)
+    encodes the corpus on Ray, to the same vectors, so it is not part of the key.
     """
     path = Path(cache_dir) / "results" / f"{result_key(model_name, eval_set, prompts, encode_backend)}.json" if cache_dir else None
     if path and path.exists():
         return read_json(path)
-    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size, prompts, encode_backend)
+    ranked = bm25_retrieve(eval_set) if model_name == BM25_MODEL else retrieve(model_name, eval_set, cache_dir, batch_size, prompts, encode_backend, engine)
     result = {"binary": ir_metrics(ranked, eval_set.qrels), "graded": ir_metrics(ranked, eval_set.qrels, graded=True), "ranked": ranked}
     if path:
         write_json(path, result)

@@ -90,7 +90,7 @@ def biggest_changes(eval_set: EvalSet, reference: dict, result: dict, count: int
 
 def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: Path | None, resamples: int = 10_000, seed: int = 0,
             batch_size: int = 64, train_rows: list[dict] | None = None, prompts: dict[str, dict[str, str]] | None = None,
-            encode_backend: str = "torch") -> dict:
+            encode_backend: str = "torch", engine=None) -> dict:
     """Results for every (eval set, model); the first model is the reference for deltas and CIs.
 
     `models` are (label, model name or path) pairs; the name "bm25" is the BM25 lexical reference.
@@ -110,7 +110,7 @@ def compare(eval_sets: list[EvalSet], models: list[tuple[str, str]], cache_dir: 
         entry = {"source": eval_set.source, "queries": len(eval_set.queries), "passages": len(eval_set.passages), "graded_qrels": graded,
                  **({"documents": len(set(eval_set.documents.values()))} if eval_set.documents else {}), "role": eval_set.role,
                  "contamination": check, "models": {}}
-        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name), encode_backend) for label, name in models}
+        per_model = {label: evaluate_model(name, eval_set, cache_dir, batch_size, prompts.get(name), encode_backend, engine) for label, name in models}
         reference = per_model[reference_label]
         for label, model_name in models:
             result = per_model[label]
@@ -152,7 +152,7 @@ def forgotten(results: dict, label: str) -> list[str]:
 
 
 def offer_merge(results: dict, eval_sets: list[EvalSet], models: list[tuple[str, str]], label: str, out_dir: Path, cache_dir: Path | None,
-                resamples: int, seed: int, batch_size: int, encode_backend: str) -> dict:
+                resamples: int, seed: int, batch_size: int, encode_backend: str, engine=None) -> dict:
     """When `label` forgets a regression set: its merges with the reference model, from the most
     fine-tuned down (OFFERED_ALPHAS), each evaluated on every set beside the others, until one
     forgets none. The one that does is kept in `out_dir/merged-<alpha>`; the merged rows join
@@ -163,7 +163,7 @@ def offer_merge(results: dict, eval_sets: list[EvalSet], models: list[tuple[str,
     for alpha in OFFERED_ALPHAS:
         merged_label = f"merged-{alpha:g}"
         folder = save_merged(base, tuned, alpha, out_dir / merged_label)
-        extra = compare(eval_sets, [reference, (merged_label, str(folder))], cache_dir, resamples, seed, batch_size, encode_backend=encode_backend)
+        extra = compare(eval_sets, [reference, (merged_label, str(folder))], cache_dir, resamples, seed, batch_size, encode_backend=encode_backend, engine=engine)
         for name, entry in extra["eval_sets"].items():
             results["eval_sets"][name]["models"][merged_label] = entry["models"][merged_label]
         tried[f"{alpha:g}"] = forgotten(extra, merged_label)
@@ -187,7 +187,7 @@ def merge_offer_note(offer: dict, results: dict) -> str:
 def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: Path, cache_dir: Path | None, resamples: int, seed: int,
              batch_size: int = 64, notes: list[str] | None = None, bm25: bool = True, train_rows: list[dict] | None = None,
              prompts: dict[str, dict[str, str]] | None = None, encode_backend: str = "torch", fine_tuned: str | None = None,
-             dev_improved: bool | None = None) -> dict:
+             dev_improved: bool | None = None, engine=None) -> dict:
     """Write results.json, report.md and report.png to `out_dir`; return headline numbers for the manifest.
 
     With `bm25`, a BM25 row (label "bm25") joins the models as the lexical reference. With
@@ -195,12 +195,13 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     `fine_tuned` is the label of the fine-tuned model, if one is compared: it is offered a merge
     with the reference when it forgets a regression set (see offer_merge), and `dev_improved`
     (the train stage's dev verdict on it) is weighed against the human-labelled sets (judge_note).
+    `engine` (a `embeddings.cluster.RaySettings`) encodes the corpora on Ray.
     """
     out_dir = Path(out_dir)
     models = list(models)
     if bm25 and all(name != BM25_MODEL and label != "bm25" for label, name in models):
         models.append(("bm25", BM25_MODEL))
-    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend)
+    results = compare(eval_sets, models, cache_dir, resamples, seed, batch_size, train_rows=train_rows, prompts=prompts, encode_backend=encode_backend, engine=engine)
     notes = list(notes or []) + regression_notes(results)
     judged = judge_note(results, fine_tuned, dev_improved) if fine_tuned else None
     if judged:
@@ -208,7 +209,7 @@ def evaluate(eval_sets: list[EvalSet], models: list[tuple[str, str]], out_dir: P
     for stale in out_dir.glob("merged-*"):  # an earlier evaluation's offer, of another model
         shutil.rmtree(stale)
     if fine_tuned and forgotten(results, fine_tuned):
-        results["merge_offer"] = offer_merge(results, eval_sets, models, fine_tuned, out_dir, cache_dir, resamples, seed, batch_size, encode_backend)
+        results["merge_offer"] = offer_merge(results, eval_sets, models, fine_tuned, out_dir, cache_dir, resamples, seed, batch_size, encode_backend, engine)
         notes.append(merge_offer_note(results["merge_offer"], results))
     results["notes"] = notes
     render_chart(results, out_dir / "report.png")

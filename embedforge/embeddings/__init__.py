@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -152,6 +153,33 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None,
     return vectors
 
 
+class LocalEncoder:
+    """Corpus vectors in this process: `encode_texts`, with a multi-process pool when several devices are named."""
+
+    def __init__(self, model, batch_size: int, pool=None):
+        self.model, self.batch_size, self.pool = model, batch_size, pool
+
+    def stream(self, texts: list[str], chunk_size: int, progress=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, vectors) in chunks of `chunk_size` rows, in order."""
+        for start in range(0, len(texts), chunk_size):
+            part = texts[start : start + chunk_size]
+            yield np.arange(start, start + len(part)), encode_texts(self.model, part, self.batch_size, kind="document", pool=self.pool,
+                                                                    progress=progress if progress is not None else False)
+
+
+def encode_corpus(encoder, texts: list[str], show: bool | None = None) -> np.ndarray:
+    """Every text's vector, in the texts' order, with a progress bar (for more than 256 texts unless `show` says)."""
+    from tqdm.auto import tqdm
+
+    vectors = None
+    with tqdm(total=len(texts), desc="encode documents", unit="text", disable=None if (len(texts) > 256 if show is None else show) else True) as bar:
+        for positions, part in encoder.stream(texts, max(len(texts), 1), progress=bar):
+            if vectors is None:
+                vectors = np.empty((len(texts), part.shape[1]), dtype=np.float32)
+            vectors[positions] = part
+    return vectors if vectors is not None else np.zeros((0, 0), dtype=np.float32)
+
+
 def encode_throughput(model, texts: list[str], batch_size: int, pool=None) -> float:
     """Passages per second that `model` encodes on this machine; the first batch warms up untimed."""
     encode_texts(model, texts[:batch_size], batch_size, kind="document", pool=pool, progress=False)
@@ -253,12 +281,13 @@ def corpus_key(model_name: str, passages: list[dict], max_seq_length: int | None
 
 def corpus_embeddings(
     model_name: str, passages: list[dict], cache_dir: Path | None, batch_size: int = 64, model=None, max_seq_length: int | None = None,
-    index_spec: IndexSpec = IndexSpec(), prompts: dict[str, str] | None = None, encode_backend: str = "torch",
+    index_spec: IndexSpec = IndexSpec(), prompts: dict[str, str] | None = None, encode_backend: str = "torch", encoder=None,
 ) -> CorpusEmbeddings:
     """Embeddings of `passages` by `model_name`, from the cache when present, else encoded once and stored.
 
     The index is cached beside the vectors, one file per index kind. A given `model` must have
-    been loaded with `encode_backend`.
+    been loaded with `encode_backend`. `encoder` (see `embeddings.cluster.make_encoder`; local by default)
+    encodes the passages on a cache miss: on Ray the vectors, and so the cache entry, are the same.
     """
     import faiss
 
@@ -269,8 +298,9 @@ def corpus_embeddings(
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
         logger.info("corpus embeddings: cache hit %s", key[:12])
     else:
-        model = model or load_model(model_name, max_seq_length=max_seq_length, prompts=prompts, backend=encode_backend, cache_dir=cache_dir)
-        vectors = encode_texts(model, [passage_text(p) for p in passages], batch_size, kind="document")
+        if encoder is None:
+            encoder = LocalEncoder(model or load_model(model_name, max_seq_length=max_seq_length, prompts=prompts, backend=encode_backend, cache_dir=cache_dir), batch_size)
+        vectors = encode_corpus(encoder, [passage_text(p) for p in passages])
         ids = [p["_id"] for p in passages]
         if folder:
             folder.mkdir(parents=True, exist_ok=True)
