@@ -5,7 +5,9 @@ filters), against a local fake OpenAI-compatible server (its own process, asynci
 call 100 ms after it arrives (it prints the mean it achieved).
 Prints achieved calls/s, the ideal (concurrency / latency), and a sequential client's calls/s on
 the same endpoint (one call at a time, as LlamaIndex's generate_qa_embedding_pairs does).
-Default size: 2,000 passages, concurrency 64, 100 ms a call, 40 sequential calls.
+With `--endpoints N` (e.g. `--endpoints 2 --concurrency 32`), N such servers are replicas of one
+model: the stage gets all N as --base-url, each at --concurrency, and the ideal is theirs together.
+Default size: 2,000 passages, one endpoint, concurrency 64, 100 ms a call, 40 sequential calls.
 Ends with `RESULT ratio_to_ideal=<achieved / ideal calls per s> speedup_vs_sequential=...`; goal: ratio_to_ideal >= 0.85.
 """
 
@@ -23,7 +25,7 @@ import openai
 
 from embedforge.config import DEFAULT_PROMPT, GenerateConfig
 from embedforge.generate import generate
-from embedforge.llm import OpenAIChatModel
+from embedforge.llm import make_chat_model
 from embedforge.prompts import load_prompt
 
 
@@ -106,28 +108,35 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--sequential-calls", type=int, default=40)
+    parser.add_argument("--endpoints", type=int, default=1, help="replicas of the fake endpoint, each in its own process, each at --concurrency")
     arguments = parser.parse_args()
     passages = [{"_id": f"p{i}", "title": "", "text": f"passage w{i} about topic number {i} and its details"} for i in range(arguments.passages)]
     import multiprocessing
 
-    addresses, served = multiprocessing.Queue(), multiprocessing.Array("d", 2)
-    server = multiprocessing.Process(target=serve, args=(arguments.latency, addresses, served), daemon=True)
-    server.start()
-    base_url = addresses.get(timeout=30)
+    addresses, counters, servers = multiprocessing.Queue(), [], []
+    for _ in range(arguments.endpoints):
+        counters.append(multiprocessing.Array("d", 2))
+        servers.append(multiprocessing.Process(target=serve, args=(arguments.latency, addresses, counters[-1]), daemon=True))
+        servers[-1].start()
+    base_urls = tuple(addresses.get(timeout=30) for _ in servers)
+    base_url = base_urls[0]
     with tempfile.TemporaryDirectory() as folder:
         config = GenerateConfig(
             min_pairs=arguments.passages, max_rounds=1, dev_fraction=0.0, test_fraction=0.0, round_trip_k=0, concurrency=arguments.concurrency,
-            response_format="text", max_query_words=24,
+            response_format="text", max_query_words=24, base_url=base_urls,
         )
-        llm = OpenAIChatModel(base_url, "fake-model", api_key="not-needed", timeout=30, concurrency=arguments.concurrency)  # as make_chat_model builds it
+        # As `embedforge generate --base-url ... [--base-url ...]` builds it (no key for 127.0.0.1).
+        llm = make_chat_model(base_urls, "fake-model", "EMBEDFORGE_BENCH_NO_KEY", timeout=30, max_attempts=6, concurrency=arguments.concurrency, seed=0)
         started = time.perf_counter()
         stats = generate(passages, load_prompt(DEFAULT_PROMPT), Path(folder), config, llm, seed=0)
         elapsed = time.perf_counter() - started
-        endpoint_latency = served[1] / max(served[0], 1)
+        answered = [counter[0] for counter in counters]
+        endpoint_latency = sum(counter[1] for counter in counters) / max(sum(answered), 1)
         achieved = stats["calls_made"] / elapsed
-        ideal = arguments.concurrency / arguments.latency
+        ideal = arguments.concurrency * arguments.endpoints / arguments.latency
         print(f"generate stage: {stats['calls_made']} calls in {elapsed:.2f}s = {achieved:.1f} calls/s; accepted {stats['accepted'].get('train', 0)}")
-        print(f"ideal (concurrency / latency): {ideal:.1f} calls/s; the endpoint's own mean latency: {endpoint_latency * 1000:.1f} ms")
+        print(f"ideal (endpoints x concurrency / latency): {ideal:.1f} calls/s; the endpoints' own mean latency: {endpoint_latency * 1000:.1f} ms; "
+              f"calls per endpoint: {', '.join(str(int(count)) for count in answered)}")
 
         raw = asyncio.run(raw_client(base_url, passages, arguments.concurrency))
         print(f"bare AsyncOpenAI client, same concurrency, no ledger or filters: {raw:.1f} calls/s")
@@ -138,7 +147,8 @@ def main() -> None:
             client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": f"Passage:\n####\n{passage['text']}\n####"}])
         sequential = arguments.sequential_calls / (time.perf_counter() - started)
         print(f"sequential client: {sequential:.1f} calls/s")
-    server.terminate()
+    for server in servers:
+        server.terminate()
     print(f"RESULT ratio_to_ideal={achieved / ideal:.3f} speedup_vs_sequential={achieved / sequential:.1f}")
 
 

@@ -45,7 +45,15 @@ class CorpusConfig(_Frozen):
 
 class GenerateConfig(_Frozen):
     prompt: Path = DEFAULT_PROMPT
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint; empty = the local model")
+    base_url: tuple[str, ...] = Field((), description="OpenAI-compatible endpoint; give it several times for replicas of one model (each call goes to the least-loaded, each with its own --concurrency; answers are keyed by the first, so replicas come and go without paying twice); empty = the local model")
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else value
+
     llm_model: str = Field(LOCAL_LLM, description="model name at the endpoint; 'none' = no LLM, only imported --queries")
     api_key_env: str = "OPENAI_API_KEY"
     min_pairs: int = Field(1000, ge=1)

@@ -386,6 +386,58 @@ class OpenAIChatModel:
         )
 
 
+class ReplicaChatModel:
+    """Several endpoints serving one model (vLLM or llama.cpp replicas behind no load balancer).
+
+    Each call goes to the least-loaded endpoint (calls assigned over its current concurrency
+    limit), and each endpoint keeps its own limit, 429 backoff and retries. A call whose retries
+    ran out on one endpoint is asked of the next one it has not tried. The identity, and so every
+    ledger key, is the first endpoint's: a resumed run reuses answers whichever replica gave them.
+    """
+
+    def __init__(self, replicas: list[OpenAIChatModel]):
+        if not replicas:
+            raise ValueError("ReplicaChatModel needs at least one endpoint")
+        self.replicas = replicas
+        self.identity = replicas[0].identity
+        self.assigned = [0] * len(replicas)
+        self.answered = [0] * len(replicas)
+
+    def _least_loaded(self, tried: set[int]) -> int:
+        def load(index: int) -> tuple:
+            limit = self.replicas[index].limit
+            capacity = limit.limit or limit.ceiling or 1
+            return (self.assigned[index] / capacity, self.assigned[index], index)
+
+        return min((index for index in range(len(self.replicas)) if index not in tried), key=load)
+
+    async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion:
+        tried: set[int] = set()
+        earlier: Counter = Counter()  # failed attempts on endpoints that gave up, kept in the call's record
+        while True:
+            index = self._least_loaded(tried)
+            tried.add(index)
+            self.assigned[index] += 1
+            try:
+                completion = await self.replicas[index].complete(messages, temperature=temperature, max_tokens=max_tokens, response_format=response_format, seed=seed)
+            except RequestFailed as error:
+                if error.reason == "context_length" or len(tried) == len(self.replicas):
+                    error.statuses = dict(earlier + Counter(error.statuses))
+                    raise
+                earlier += Counter(error.statuses)
+                continue
+            finally:
+                self.assigned[index] -= 1
+            self.answered[index] += 1
+            if earlier:
+                completion.retried = dict(earlier + Counter(completion.retried))
+                completion.attempts += sum(earlier.values())
+            return completion
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(replica.aclose() for replica in self.replicas))
+
+
 # --- local in-process model ------------------------------------------------------------------
 
 
@@ -562,23 +614,25 @@ def _fast_dtype(device: str):
         return torch.float32
 
 
-def make_chat_model(base_url: str | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int,
+def make_chat_model(base_url: str | tuple[str, ...] | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int,
                     max_wait_total: float = 900.0) -> ChatModel:
-    """The local model when no endpoint is configured, else an OpenAI-compatible client."""
+    """The local model when no endpoint is configured, else an OpenAI-compatible client (several
+    endpoints: replicas of one model, `concurrency` each)."""
     import os
 
-    if not base_url:
+    urls = (base_url,) if isinstance(base_url, str) else tuple(base_url or ())
+    if not urls:
         return LocalChatModel(batch_size=concurrency, seed=seed)
     api_key = os.environ.get(api_key_env)
     if not api_key:
-        host = urlsplit(base_url).hostname or ""
-        if host in {"127.0.0.1", "localhost", "::1"}:
-            api_key = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) accept any key
-        else:
+        remote = [url for url in urls if (urlsplit(url).hostname or "") not in {"127.0.0.1", "localhost", "::1"}]
+        if remote:
             raise EmbedforgeError(
                 f"No API key for the remote endpoint: the environment variable {api_key_env} is not set",
-                where=strip_credentials(base_url),
+                where=strip_credentials(remote[0]),
                 fix=f"export {api_key_env}=... (or set api_key_env to the variable that holds it)",
             )
-    return OpenAIChatModel(base_url=base_url, model=llm_model, api_key=api_key, timeout=timeout, max_attempts=max_attempts,
-                           max_wait_total=max_wait_total, concurrency=concurrency)
+        api_key = "not-needed"  # local servers (vLLM, Ollama, llama.cpp) accept any key
+    clients = [OpenAIChatModel(base_url=url, model=llm_model, api_key=api_key, timeout=timeout, max_attempts=max_attempts,
+                               max_wait_total=max_wait_total, concurrency=concurrency) for url in urls]
+    return clients[0] if len(clients) == 1 else ReplicaChatModel(clients)

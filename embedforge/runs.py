@@ -62,8 +62,7 @@ def versions() -> dict[str, str]:
 def config_toml(config: RunConfig) -> str:
     """The resolved configuration as TOML (None values are left out: TOML has no null)."""
     data = config.model_dump(mode="json")
-    if data["generate"].get("base_url"):
-        data["generate"]["base_url"] = strip_credentials(data["generate"]["base_url"])
+    data["generate"]["base_url"] = [strip_credentials(url) for url in data["generate"].get("base_url") or ()]
     lines = ["# Resolved configuration of this run (written by embedforge; API keys are never stored)."]
     lines += [f"{key} = {toml_literal(value)}" for key, value in data.items() if not isinstance(value, dict) and value is not None]
     for section, values in data.items():
@@ -222,8 +221,9 @@ class Run:
         section = getattr(config, row.section)
         # Files are inputs: their contents count, not where they are.
         settings = {key: value for key, value in fingerprint_fields(section).items() if key not in row.file_fields}
-        if settings.get("base_url"):
-            settings["base_url"] = strip_credentials(settings["base_url"])  # never a secret in the manifest
+        if "base_url" in settings:
+            # The first endpoint names the model's answers; replicas after it are runtime only. Never a secret in the manifest.
+            settings["base_url"] = strip_credentials(settings["base_url"][0]) if settings["base_url"] else None
         plan = StagePlan(stage, row.inputs(self), {**settings, **shared}, list(row.outputs))
         plan.fingerprint = sha256_json({"stage": stage, "version": row.version, "config": plan.config, "inputs": plan.inputs})
         return plan
@@ -388,7 +388,8 @@ def llm_note(generate) -> str:
     if generate.llm_model == "none":
         return f"none: queries imported from {Path(generate.queries).name}" if generate.queries else "none"
     if generate.base_url:
-        return f"{generate.llm_model} at {strip_credentials(generate.base_url)}"
+        replicas = f" (and {len(generate.base_url) - 1} replicas)" if len(generate.base_url) > 1 else ""
+        return f"{generate.llm_model} at {strip_credentials(generate.base_url[0])}{replicas}"
     return "local SmolLM2-135M-Instruct"
 
 

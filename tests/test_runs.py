@@ -113,12 +113,25 @@ def test_failed_stage_is_recorded_and_leaves_no_partial_output(run_config):
     assert not list(config.run.rglob("*.tmp"))
 
 
-def test_two_process_ddp_training_on_cpu(run_config, tmp_path):
+def torchrun(config_file, nodes: int) -> list[list[str]]:
+    """The README's commands: one node of 2 processes, or 2 nodes of one process each meeting at a
+    c10d rendezvous endpoint (on a cluster, each node runs its line with the head's address)."""
+    import sys
+
+    train = ["-m", "embedforge", "train", "--config", str(config_file)]
+    if nodes == 1:
+        return [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *train]]
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+             "--rdzv_endpoint", endpoint, "--rdzv_id", "embedforge-test", *train] for _ in range(nodes)]
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one node, 2 processes", "2 nodes, 1 process each"])
+def test_two_process_ddp_training_on_cpu(run_config, tmp_path, nodes):
     """torchrun -m embedforge train: DDP through the Trainer (gloo on CPU); only rank 0 writes."""
     import json
     import os
     import subprocess
-    import sys
 
     config = run_config()
     runs.run(config, llm_factory=factory, echo=lambda line: None, to_stage="mine")
@@ -129,11 +142,12 @@ def test_two_process_ddp_training_on_cpu(run_config, tmp_path):
 
     config_file = tmp_path / "embedforge.toml"
     config_file.write_text(config_toml(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "embedforge", "train", "--config", str(config_file)],
-        capture_output=True, text=True, env=environment, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Output to files: a node blocked on a full pipe would stall the other one's collectives.
+    logs = [tmp_path / f"node-{number}.log" for number in range(nodes)]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=environment) for command, log in zip(torchrun(config_file, nodes), logs)]
+    for process, log in zip(processes, logs):
+        process.wait(timeout=600)
+        assert process.returncode == 0, log.read_text()[-3000:]
     manifest = json.loads((config.run / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "done"
     # Two ranks share the batches: well under the single-process step count (7 here).

@@ -45,6 +45,11 @@ FAILING_SHARE = 0.8
 STAGE_VERSION = 3  # 2: imported pairs are split by query, not by passage; 3: imported ids from the pair, not its line
 
 
+def in_flight(config: GenerateConfig) -> int:
+    """Calls in flight at most: --concurrency per endpoint (each replica holds its own)."""
+    return config.concurrency * max(1, len(config.base_url))
+
+
 def request_key(identity: dict, messages: list, temperature: float, max_tokens: int, sample_index: int, response_format: str = "text", reask: int = 0) -> str:
     sampling = {"temperature": temperature, "max_tokens": max_tokens, "response_format": response_format}
     return sha256_json({**identity, "messages": messages, "sampling": sampling, "sample_index": sample_index, "reask": reask})
@@ -154,7 +159,7 @@ class _Generation:
         self.exported: list[dict] | None = [] if config.export_batch else None
         self.recent: deque[bool] = deque(maxlen=FAILING_WINDOW)  # True for a failed request
         self.failed_statuses: Counter = Counter()
-        self.chunk = max(64, config.concurrency * 4)
+        self.chunk = max(64, in_flight(config) * 4)
         self.barren: Counter = Counter()  # passage id -> rounds whose answer gave no accepted training query
         self.ledger: JsonlAppender | None = None
 
@@ -373,7 +378,7 @@ class _Generation:
             raise EmbedforgeError("No passage fell in the train split", where="generate", fix="add passages or lower dev_fraction/test_fraction")
         if llm is None and not config.queries:
             raise EmbedforgeError("No LLM and no --queries to import", where="generate", fix="pass --base-url/--llm-model, or --queries FILE")
-        self.semaphore = asyncio.Semaphore(config.concurrency)
+        self.semaphore = asyncio.Semaphore(in_flight(config))
         if config.import_batch:
             stats.imported_answers = import_batch_results(config.import_batch, self.ledger_path, self.answered)
         if config.queries:
