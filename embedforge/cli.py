@@ -239,7 +239,7 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
             dry_run: bool = typer.Option(False, "--dry-run", help="time a sample and print the estimated encoding time; write nothing")) -> None:
     """Embed a corpus with a (fine-tuned) model into an index folder: resumable, and incremental on rerun."""
     from embedforge import reindex as reindexing
-    from embedforge.embeddings.cluster import ENGINES, engine_of
+    from embedforge.embeddings.cluster import ENGINES, RaySettings
     from embedforge.config import CorpusConfig
     from embedforge.corpus import describe as describe_corpus
     from embedforge.corpus import check_source, read_corpus
@@ -248,7 +248,7 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
     _setup_logging()
     if engine not in ENGINES:
         raise EmbedforgeError(f"Unknown engine {engine!r}", where="--engine", fix=f"use one of {', '.join(ENGINES)}")
-    ray = engine_of(RunConfig(engine=engine, ray_address=ray_address, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor))
+    ray = RaySettings(ray_address, ray_actors, ray_gpus_per_actor, ray_cpus_per_actor) if engine == "ray" else None
     settings = reindexing.ReindexSettings(shard_size=shard_size, dtype=dtype, index=index, batch_size=batch_size, devices=reindexing.parse_devices(devices),
                                           encode_backend=encode_backend, cache=cache, engine=ray)
     settings.check()  # before the corpus is read (and, on Ray, joins the cluster): a typo should not cost a corpus load

@@ -45,14 +45,16 @@ class CorpusConfig(_Frozen):
 
 class GenerateConfig(_Frozen):
     prompt: Path = DEFAULT_PROMPT
-    base_url: tuple[str, ...] = Field((), description="OpenAI-compatible endpoint; give it several times for replicas of one model (each call goes to the least-loaded, each with its own --concurrency; answers are keyed by the first, so replicas come and go without paying twice); empty = the local model")
+    base_url: tuple[str, ...] = Field((), description="OpenAI-compatible endpoint; give it several times for replicas of one model (each call goes to the least-loaded, each with its own --concurrency; answers are keyed by the first, so replicas after it come and go without paying twice); unset = the local model")
 
     @field_validator("base_url", mode="before")
     @classmethod
     def _one_or_several(cls, value: Any) -> Any:
-        if value is None:
-            return ()
-        return (value,) if isinstance(value, str) else value
+        values = [value] if isinstance(value, str) else list(value or ())
+        values = [url for url in values if not (isinstance(url, str) and not url.strip())]  # "" meant the local model, and still does
+        if len(set(map(str, values))) != len(values):
+            raise ValueError("an endpoint is given twice")
+        return tuple(values)
 
     llm_model: str = Field(LOCAL_LLM, description="model name at the endpoint; 'none' = no LLM, only imported --queries")
     api_key_env: str = "OPENAI_API_KEY"

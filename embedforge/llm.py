@@ -414,6 +414,7 @@ class ReplicaChatModel:
     async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion:
         tried: set[int] = set()
         earlier: Counter = Counter()  # failed attempts on endpoints that gave up, kept in the call's record
+        backoffs = 0
         while True:
             index = self._least_loaded(tried)
             tried.add(index)
@@ -422,9 +423,10 @@ class ReplicaChatModel:
                 completion = await self.replicas[index].complete(messages, temperature=temperature, max_tokens=max_tokens, response_format=response_format, seed=seed)
             except RequestFailed as error:
                 if error.reason == "context_length" or len(tried) == len(self.replicas):
-                    error.statuses = dict(earlier + Counter(error.statuses))
+                    error.statuses, error.backoffs = dict(earlier + Counter(error.statuses)), backoffs + error.backoffs
                     raise
                 earlier += Counter(error.statuses)
+                backoffs += error.backoffs
                 continue
             finally:
                 self.assigned[index] -= 1
@@ -432,6 +434,7 @@ class ReplicaChatModel:
             if earlier:
                 completion.retried = dict(earlier + Counter(completion.retried))
                 completion.attempts += sum(earlier.values())
+                completion.backoffs += backoffs
             return completion
 
     async def aclose(self) -> None:

@@ -268,8 +268,8 @@ def vector_identity(model_name: str, encode_backend: str) -> str:
 
 
 def _backend_used(model, plan: _Plan) -> str:
-    """What encoded the stored vectors; with nothing to encode the model was never opened, and the
-    shard identity (which carries a backend with other vectors) says it."""
+    """What encoded the stored vectors: `model` when it encoded some (None when nothing was
+    encoded), else the shard identity (which carries a backend with other vectors) or the last manifest."""
     if model is not None:
         return getattr(model, "encode_backend", "torch")
     if plan.identity.endswith("+onnx-int8"):
@@ -376,7 +376,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
         "model": model_name,
         "model_path": resolve_model(model_name),
         "model_identity": plan.identity,
-        "encode_backend": _backend_used(model, plan),
+        "encode_backend": _backend_used(model if plan.pending else None, plan),
         "dtype": settings.dtype,
         "dimension": int(vectors.shape[1]),
         "count": len(entries),
@@ -407,7 +407,8 @@ def estimate(model_name: str, passages: list[dict], out_dir: Path, settings: Rei
     finally:
         if pool is not None:
             model.stop_multi_process_pool(pool)
-    return Estimate(len(passages), len(plan.pending), len(sample), rate, len(plan.pending) / rate, plan.notes)
+    notes = plan.notes + (["Measured on this machine: --engine ray encodes on the cluster's actors, at their own rate."] if settings.engine else [])
+    return Estimate(len(passages), len(plan.pending), len(sample), rate, len(plan.pending) / rate, notes)
 
 
 def load_index_model(manifest: dict, index_dir: Path, cache_dir: Path | None = Path("cache")):

@@ -157,7 +157,7 @@ class Run:
 
     # --- corpus ----------------------------------------------------------------------------
 
-    def check_inputs(self) -> None:
+    def check_inputs(self, dry_run: bool = False) -> None:
         """What a user can get wrong in the inputs, checked before the first LLM call or encode,
         each error naming the flag to fix."""
         from embedforge.prompts import load_prompt
@@ -170,7 +170,7 @@ class Run:
                 raise EmbedforgeError(f"The {flag} file does not exist", where=str(path), fix=f"check {flag}: the path names no file")
         for folder in (*self.config.evaluate.eval_set, *self.config.evaluate.regression_set):
             evaluate_stage.check_eval_set(folder)
-        if engine_of(self.config) is not None:
+        if engine_of(self.config) is not None and process_rank() == 0 and not dry_run:
             connect(engine_of(self.config))  # an unreachable cluster is an error now, not after the LLM calls
 
     def check_models(self, selected: list[str]) -> None:
@@ -421,7 +421,7 @@ def run(config: RunConfig, llm_factory: Callable | None = None, force: tuple[str
         check_writable_folder(config.cache, "--cache")
         lock = FolderLock(config.run)
     with lock:
-        pipeline.check_inputs()
+        pipeline.check_inputs(dry_run)
         corpus_changed = pipeline.prepare(dry_run)
         _run_stages(pipeline, selected, set(force) | ({from_stage} if from_stage else set()), dry_run, corpus_changed, echo)
     return pipeline

@@ -151,3 +151,31 @@ def test_an_unreachable_ray_address_fails_before_any_work(tmp_path, tiny_model):
     assert f"No Ray cluster answers at 127.0.0.1:{port}" in done.stderr and "--ray-address" in done.stderr and "ray start --head" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run" / "corpus.jsonl").exists() and not (tmp_path / "run" / "generate").exists()
+
+
+def test_gpu_actors_refuse_a_backend_whose_vectors_they_cannot_make(tiny_model):
+    from embedforge.embeddings import load_model
+
+    model = load_model(tiny_model)
+    model.encode_backend = "onnx-int8"  # what the driver would have attached
+    encoder = cluster.RayEncoder(RaySettings(actors=1, gpus_per_actor=1), model, tiny_model, 4)
+    with pytest.raises(EmbedforgeError, match="GPU actors encode with torch"):
+        next(encoder.stream(["a text"], 8))
+
+
+def test_a_node_that_cannot_see_the_model_folder_encodes_from_the_shipped_copy(tiny_model, tmp_path, local_ray, monkeypatch):
+    import ray
+
+    from embedforge.embeddings import encode_texts, load_model, model_identity
+
+    monkeypatch.setattr(cluster.tempfile, "tempdir", str(tmp_path))  # this node's temporary folder
+    identity = model_identity(tiny_model)
+    packed = [ray.put(cluster._pack(Path(tiny_model)))]
+    texts = np.array([p["text"] for p in make_passages(5)])
+    actor = cluster._EncodeActor(str(tmp_path / "elsewhere" / "model"), identity, packed, 64, {}, "torch", None, 4, 1)
+    vectors = actor({"position": np.arange(5), "text": texts})["vector"]
+    np.testing.assert_allclose(vectors, encode_texts(load_model(tiny_model), list(texts), 4, kind="document"), atol=1e-6)
+    copies = list((tmp_path / "embedforge-models").iterdir())
+    assert len(copies) == 1 and model_identity(str(copies[0])) == identity
+    cluster._EncodeActor(str(tmp_path / "elsewhere" / "model"), identity, packed, 64, {}, "torch", None, 4, 1)
+    assert list((tmp_path / "embedforge-models").iterdir()) == copies  # one copy per model on a node

@@ -6,6 +6,8 @@ import asyncio
 import json
 import socket
 
+import pytest
+
 from conftest import make_passages, passage_responder, write_corpus
 from embedforge import runs
 from embedforge.cli import _llm_factory
@@ -21,16 +23,16 @@ def ledger(run_dir) -> list[dict]:
 def test_replicas_share_the_calls_and_a_single_endpoint_reuses_every_answer(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_passages())
-    with FakeOpenAI(passage_responder, latency=0.05) as first, FakeOpenAI(passage_responder, latency=0.05) as second:
+    with FakeOpenAI(passage_responder, latency=0.3) as first, FakeOpenAI(passage_responder, latency=0.3) as second:  # long enough that calls pile up on a busy machine
         values = dict(corpus=corpus, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, llm_model="fake-model", min_pairs=20,
-                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=2)
+                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=20)
         both = load_config(None, {**values, "base_url": [first.base_url, second.base_url]})
         runs.run(both, llm_factory=_llm_factory, echo=lambda line: None, to_stage="generate")
         calls = len(first.requests) + len(second.requests)
         assert calls == len(ledger(tmp_path / "run")) >= 24
         # Least-loaded: both replicas work, each within its own --concurrency, together beyond one's.
         assert min(len(first.requests), len(second.requests)) >= calls // 3
-        assert first.max_in_flight <= 2 and second.max_in_flight <= 2 and first.max_in_flight + second.max_in_flight > 2
+        assert first.max_in_flight <= 20 and second.max_in_flight <= 20 and first.max_in_flight + second.max_in_flight > 20
         assert f'base_url = ["{first.base_url}", "{second.base_url}"]' in (tmp_path / "run" / "config.toml").read_text()
 
         # The first endpoint alone: the same fingerprint, and forced to regenerate it buys nothing.
@@ -61,3 +63,15 @@ def test_a_call_whose_endpoint_is_down_is_answered_by_another():
     assert len(alive.requests) == 6 and model.answered == [0, 6]
     failed_over = [completion for completion in completions if completion.retried]
     assert failed_over and all(completion.retried == {"connection": 1} and completion.attempts == 2 for completion in failed_over)
+
+
+def test_base_url_reads_one_several_or_none(tmp_path):
+    from embedforge.errors import EmbedforgeError
+
+    config_file = tmp_path / "embedforge.toml"
+    config_file.write_text('[generate]\nbase_url = "http://127.0.0.1:8000/v1"\n')  # as configs before replicas wrote it
+    assert load_config(config_file).generate.base_url == ("http://127.0.0.1:8000/v1",)
+    assert load_config(None, {"base_url": ["http://a/v1", "http://b/v1"]}).generate.base_url == ("http://a/v1", "http://b/v1")
+    assert load_config(None, {"base_url": [""]}).generate.base_url == ()  # an empty --base-url is the local model, as before
+    with pytest.raises(EmbedforgeError, match="given twice"):
+        load_config(None, {"base_url": ["http://a/v1", "http://a/v1"]})

@@ -144,10 +144,18 @@ def test_two_process_ddp_training_on_cpu(run_config, tmp_path, nodes):
     config_file.write_text(config_toml(config))
     # Output to files: a node blocked on a full pipe would stall the other one's collectives.
     logs = [tmp_path / f"node-{number}.log" for number in range(nodes)]
-    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=environment) for command, log in zip(torchrun(config_file, nodes), logs)]
-    for process, log in zip(processes, logs):
-        process.wait(timeout=600)
-        assert process.returncode == 0, log.read_text()[-3000:]
+    processes = []
+    try:
+        for command, log in zip(torchrun(config_file, nodes), logs):
+            with log.open("w") as handle:  # the child holds its own copy of the handle
+                processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle, env=environment))
+        for process, log in zip(processes, logs):
+            process.wait(timeout=600)
+            assert process.returncode == 0, log.read_text()[-3000:]
+    finally:
+        for process in processes:  # a node whose partner failed would wait for it
+            if process.poll() is None:
+                process.kill()
     manifest = json.loads((config.run / "manifest.json").read_text())
     assert manifest["stages"]["train"]["status"] == "done"
     # Two ranks share the batches: well under the single-process step count (7 here).

@@ -3,8 +3,9 @@
 Reads:  passages' texts, and the model the driver loaded (its folder, max_seq_length, prompts and
         the encode backend it settled on, so every actor encodes exactly as the driver would).
 Writes: nothing; vectors come back to the caller, which stores them where a local run would.
-Keeps:  nothing between calls. The model's files travel through Ray's object store to any actor
-        that cannot see the driver's folder, so a model trained on the head node needs no shared disk.
+Keeps:  nothing between calls. A model folder's files travel through Ray's object store to any
+        actor that does not see the same folder (by content hash), so a model trained on the head
+        node needs no shared disk; a model given by hub name is loaded by each actor from the hub.
 
 Each actor runs `embedforge.embeddings.encode_texts` on its blocks, so the vectors are those of a
 local run up to padding (texts batch with other neighbours): max |difference| ~1e-7 on CPU.
@@ -13,6 +14,7 @@ local run up to padding (texts batch with other neighbours): max |difference| ~1
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -88,6 +90,11 @@ def connect(settings: RaySettings) -> None:
                 f"{settings.actors} actors want {amount:g} {name}s; the Ray cluster has {resources.get(name, 0):g}", where="--ray-actors / --ray-cpus-per-actor / --ray-gpus-per-actor",
                 fix="lower --ray-actors or the per-actor share, or add nodes to the cluster",
             )
+    largest = {name: max((node.get("Resources", {}).get(name, 0) for node in ray.nodes() if node.get("Alive")), default=0) for name in wanted}
+    for name, share in (("CPU", settings.cpus_per_actor), ("GPU", settings.gpus_per_actor)):
+        if share > largest[name] + 1e-9:  # an actor runs on one node
+            raise EmbedforgeError(f"An actor wants {share:g} {name}s; the largest node of the Ray cluster has {largest[name]:g}",
+                                  where="--ray-cpus-per-actor / --ray-gpus-per-actor", fix="lower the per-actor share to what one node holds")
 
 
 def engine_of(config) -> RaySettings | None:
@@ -110,30 +117,44 @@ def _pack(folder: Path) -> dict[str, bytes]:
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def _sizes(folder: Path) -> dict[str, int]:
-    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+def _unpacked(identity: str, packed) -> Path:
+    """The model's files in this node's temporary folder, one copy per model (the actors of a node share it)."""
+    import ray
+
+    from embedforge.embeddings import model_identity
+
+    target = Path(tempfile.gettempdir()) / "embedforge-models" / identity.replace(":", "-")
+    if target.is_dir() and model_identity(str(target)) == identity:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=target.parent))
+    for name, data in ray.get(packed).items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(data)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another actor of this node renamed its copy first: the same files
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 class _EncodeActor:
     """One model per actor, loaded once; each call encodes one block of texts."""
 
-    def __init__(self, model_name: str, sizes: dict[str, int] | None, packed: list, max_seq_length: int, prompts: dict[str, str], backend: str,
+    def __init__(self, model_name: str, identity: str | None, packed: list, max_seq_length: int, prompts: dict[str, str], backend: str,
                  cache_dir: str | None, batch_size: int, cpus: float):
         import ray
         import torch
 
-        from embedforge.embeddings import load_model
+        from embedforge.embeddings import load_model, model_identity
 
         if torch.cuda.device_count() == 0:
             torch.set_num_threads(max(1, int(cpus)))  # the actor's CPU share, not the node's cores
         folder = Path(model_name)
-        if sizes is not None and (not folder.is_dir() or _sizes(folder) != sizes):
-            # This node cannot see the driver's model folder: unpack the copy the driver put in the object store.
-            folder = Path(tempfile.mkdtemp(prefix="embedforge-model-"))
-            for name, data in ray.get(packed[0]).items():
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(data)
-            model_name = str(folder)
+        if identity is not None and (not folder.is_dir() or model_identity(str(folder)) != identity):
+            # This node does not see the driver's model folder: unpack the copy the driver put in the object store.
+            model_name = str(_unpacked(identity, packed[0]))
         cache = Path(cache_dir) if cache_dir and Path(cache_dir).is_dir() else Path(tempfile.gettempdir()) / "embedforge-cache"
         self.model = load_model(model_name, max_seq_length=max_seq_length, prompts=prompts, backend=backend, cache_dir=cache)
         self.batch_size = batch_size
@@ -154,29 +175,44 @@ class RayEncoder:
         self.settings, self.model, self.batch_size, self.cache_dir = settings, model, batch_size, cache_dir
         self.model_name = resolve_model(model_name)
 
+    def _actor_backend(self) -> str:
+        """The driver's backend for CPU actors; torch for GPU actors, refused where that changes the vectors."""
+        from embedforge.backends import vectors_key
+
+        backend = getattr(self.model, "encode_backend", "torch")
+        if self.settings.gpus_per_actor == 0:
+            return backend
+        if vectors_key(backend):
+            raise EmbedforgeError(f"--encode-backend {backend} runs on CPUs; GPU actors encode with torch, whose vectors differ", where="--encode-backend / --ray-gpus-per-actor",
+                                  fix="use --encode-backend auto (or torch) with GPU actors, or CPU actors (--ray-gpus-per-actor 0) for onnx-int8")
+        return "torch"  # the driver's CPU export is for CPUs
+
     def stream(self, texts: list[str], chunk_size: int, progress=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions, vectors) in chunks of `chunk_size` rows (the last may be smaller), in the order the actors finish."""
         import pyarrow as pa
         import ray
         import ray.data
 
+        backend = self._actor_backend()
         connect(self.settings)
         if not texts:
             return
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the caller's bar counts passages
+        from embedforge.embeddings import model_identity
+
         folder = Path(self.model_name)
-        sizes = _sizes(folder) if folder.is_dir() else None
+        # By content: a node holding another model at the same path (an older training) gets the driver's.
+        identity = model_identity(str(folder)) if folder.is_dir() else None
         # In a list: Ray resolves a top-level reference when the actor is created, on every restart.
-        packed = [ray.put(_pack(folder))] if sizes is not None else []
-        # On a GPU actor, torch: the driver's CPU export is for CPUs (attach picks torch on a GPU itself).
-        backend = "torch" if self.settings.gpus_per_actor > 0 else getattr(self.model, "encode_backend", "torch")
+        packed = [ray.put(_pack(folder))] if identity is not None else []
+
         table = pa.table({"position": np.arange(len(texts), dtype=np.int64), "text": texts})
         blocks = [table.slice(start, BLOCK_TEXTS) for start in range(0, len(texts), BLOCK_TEXTS)]
         dataset = ray.data.from_arrow(blocks).map_batches(
             _EncodeActor, batch_size=BLOCK_TEXTS, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(self.settings.actors, len(blocks))),
             num_cpus=self.settings.cpus_per_actor, num_gpus=self.settings.gpus_per_actor or None,
-            fn_constructor_kwargs=dict(model_name=self.model_name, sizes=sizes, packed=packed, max_seq_length=self.model.max_seq_length,
+            fn_constructor_kwargs=dict(model_name=self.model_name, identity=identity, packed=packed, max_seq_length=self.model.max_seq_length,
                                        prompts=dict(self.model.prompts), backend=backend, cache_dir=str(self.cache_dir) if self.cache_dir else None,
                                        batch_size=self.batch_size, cpus=self.settings.cpus_per_actor),
         )

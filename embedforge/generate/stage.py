@@ -159,7 +159,7 @@ class _Generation:
         self.exported: list[dict] | None = [] if config.export_batch else None
         self.recent: deque[bool] = deque(maxlen=FAILING_WINDOW)  # True for a failed request
         self.failed_statuses: Counter = Counter()
-        self.chunk = max(64, in_flight(config) * 4)
+        self.chunk = max(64, config.concurrency * 4)  # replicas add none: where the stage stops must not depend on them
         self.barren: Counter = Counter()  # passage id -> rounds whose answer gave no accepted training query
         self.ledger: JsonlAppender | None = None
 
