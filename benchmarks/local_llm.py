@@ -1,11 +1,13 @@
 """Accepted queries per minute from the embedded local model (SmolLM2-135M-Instruct) on a CPU.
 
 The generate stage over the same passages twice, alternating over --rounds: once with the
-package's local model (LocalChatModel: shared prefix cache, stop at the first newline, bf16 where
-the CPU has it, batches sorted by length), once with a plain baseline written here (one
-`model.generate` per batch of 16 prompts, greedy, float32, no prefix cache, no stop string).
-Both answer the same prompts through the same stage and the same filters; the round trip is off
-on both sides (`--round-trip-k 0`), so the figure is about writing queries, not ranking them.
+package's local model with the stage's defaults (LocalChatModel over embedforge.decoding: the
+shared prefix encoded once, each passage prefilled once for its 4 samples, rows leave the batch at
+their first newline, grouped-query attention without copies, bf16 where the CPU has it), once
+with a plain baseline written here (one `model.generate` per batch of 16 prompts, greedy, float32,
+no prefix cache, no stop string, one sample a passage). Both answer through the same stage and
+the same filters; the round trip is off on both sides (`--round-trip-k 0`), so the figure is
+about writing queries, not ranking them.
 Each side makes one round over the passages (held-out passages included, as a run does).
 Corpora: 300 passages of the demo corpus (the Python standard library docs, cut by
 all-MiniLM-L6-v2's tokens as `embedforge run` cuts them) and 300 of nfcorpus (when present).
@@ -27,7 +29,7 @@ from embedforge.corpus import read_corpus
 from embedforge.embeddings import load_model
 from embedforge.errors import EmbedforgeError
 from embedforge.files import iter_jsonl, read_jsonl
-from embedforge.generate import generate
+from embedforge.generate import generate, in_flight
 from embedforge.llm import Completion, LocalChatModel
 from embedforge.prompts import load_prompt
 
@@ -74,9 +76,12 @@ def sample(passages: list[dict], count: int) -> list[dict]:
     return random.Random(0).sample(passages, min(count, len(passages)))
 
 
-def one_side(passages: list[dict], llm, folder: Path) -> tuple[int, int, float]:
+OURS = GenerateConfig(min_pairs=10**6, max_rounds=1, round_trip_k=0)  # the defaults: 4 samples a passage on the local model
+BASELINE = GenerateConfig(min_pairs=10**6, max_rounds=1, round_trip_k=0, samples_per_passage=1)
+
+
+def one_side(passages: list[dict], llm, folder: Path, config: GenerateConfig) -> tuple[int, int, float]:
     """(accepted queries, calls, seconds) of one round of the generate stage over `passages`."""
-    config = GenerateConfig(min_pairs=10**6, max_rounds=1, round_trip_k=0)
     started = time.perf_counter()
     try:
         generate(passages, load_prompt(DEFAULT_PROMPT), folder, config, llm, seed=0)
@@ -97,7 +102,7 @@ def main() -> None:
     if NFCORPUS.exists():
         corpora["nfcorpus"] = sample(list(iter_jsonl(NFCORPUS)), arguments.passages)
     del encoder
-    ours_model, plain_model = LocalChatModel(batch_size=16, seed=0), PlainLocalModel()
+    ours_model, plain_model = LocalChatModel(batch_size=in_flight(OURS), seed=0), PlainLocalModel()
     for model in (ours_model, plain_model):
         model._load()  # loading (seconds) is neither side's work per query
     totals = {"ours": [0, 0.0], "baseline": [0, 0.0]}
@@ -109,7 +114,8 @@ def main() -> None:
                 order = ("ours", "baseline") if round_number % 2 == 0 else ("baseline", "ours")
                 for side in order:
                     llm = ours_model if side == "ours" else plain_model
-                    accepted, calls, seconds = one_side(passages, llm, Path(scratch) / f"{name}-{side}-{round_number}")
+                    config = OURS if side == "ours" else BASELINE
+                    accepted, calls, seconds = one_side(passages, llm, Path(scratch) / f"{name}-{side}-{round_number}", config)
                     print(f"round {round_number + 1} {name} {side}: {accepted} accepted of {calls} calls in {seconds:.1f}s "
                           f"({accepted / seconds * 60:.1f} a minute)", flush=True)
                     for index, value in enumerate((accepted, calls, seconds)):

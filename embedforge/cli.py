@@ -84,10 +84,12 @@ def _setup_logging() -> None:
 
 
 def _llm_factory(generate_config, seed: int):
+    from embedforge.generate import in_flight
     from embedforge.llm import make_chat_model
 
     return make_chat_model(generate_config.base_url, generate_config.llm_model, generate_config.api_key_env,
-                           generate_config.timeout, generate_config.max_attempts, generate_config.concurrency, seed, generate_config.max_wait_total)
+                           generate_config.timeout, generate_config.max_attempts, generate_config.concurrency, seed, generate_config.max_wait_total,
+                           local_batch_size=in_flight(generate_config))
 
 
 def _pipeline(overrides: dict, config_file: Optional[Path], **options) -> None:

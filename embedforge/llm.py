@@ -461,15 +461,17 @@ def local_gguf_path() -> Path:
 
 
 class LocalChatModel:
-    """SmolLM2-135M-Instruct through transformers; concurrent calls are batched into one generate."""
+    """SmolLM2-135M-Instruct through transformers: concurrent calls are batched, the samples asked
+    of one prompt share its prefill (see embedforge.decoding)."""
 
-    def __init__(self, batch_size: int = 16, seed: int = 0, device: str | None = None, stop_at_newline: bool = True):
-        self.path = local_gguf_path()
-        self.stop_at_newline = stop_at_newline
+    def __init__(self, batch_size: int = 16, seed: int = 0, device: str | None = None, path: Path | None = None, top_p: float = 0.9):
+        # `path`: a .gguf file or a transformers model folder (the tests build a tiny one).
+        self.path = Path(path) if path is not None else local_gguf_path()
         self.identity = {"model": self.path.name, "base_url": "local"}
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.top_p = top_p
         self._model = None
         self._tokenizer = None
         self._pending: list[tuple[Messages, float, int, int | None, asyncio.Future]] = []  # messages, temperature, max_tokens, seed, caller
@@ -480,14 +482,18 @@ class LocalChatModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
+        from embedforge.decoding import register_grouped_attention, stop_token_mask
+
         transformers_logging.set_verbosity_error()
-        folder, name = str(self.path.parent), self.path.name
-        self._tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        self._tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+        gguf = self.path.suffix == ".gguf"
+        folder = str(self.path.parent if gguf else self.path)
+        extra = {"gguf_file": self.path.name} if gguf else {}
+        self._tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=register_grouped_attention(), **extra)
         self._model = model.to(device=device, dtype=_fast_dtype(device)).eval()
-        self._prefix_cache: dict[str, tuple] = {}
+        self._stop_tokens = stop_token_mask(self._tokenizer, model.config.vocab_size)
+        self._prefix_cache: dict[str, object] = {}
 
     async def complete(self, messages: Messages, *, temperature: float, max_tokens: int, response_format: str = "text", seed: int | None = None) -> Completion:
         # A 135M model writes better plain lines than JSON: the local model always answers in text.
@@ -503,9 +509,12 @@ class LocalChatModel:
     async def _drain(self) -> None:
         await asyncio.sleep(0.01)  # let the other in-flight calls join this batch
         while self._pending:
-            # Similar lengths in one batch waste less compute on padding.
-            pending = sorted(self._pending, key=lambda item: sum(len(m["content"]) for m in item[0]))
-            batch, self._pending = pending[: self.batch_size], pending[self.batch_size :]
+            # One temperature per batch; samples of one prompt side by side (they share a prefill);
+            # similar lengths together (less padding).
+            pending = sorted(self._pending, key=lambda item: (item[1], sum(len(m["content"]) for m in item[0]), _messages_key(item[0])))
+            batch = [item for item in pending if item[1] == pending[0][1]][: self.batch_size]
+            chosen = {id(item) for item in batch}
+            self._pending = [item for item in self._pending if id(item) not in chosen]
             try:
                 results = await asyncio.to_thread(self._generate, [(m, t, n) for m, t, n, _, _ in batch], _batch_seed(self.seed, [s for *_, s, _ in batch]))
             except Exception as error:  # every waiting caller gets the error, none is left hanging
@@ -517,76 +526,68 @@ class LocalChatModel:
                 if not future.done():
                     future.set_result(result)
 
-    def _prefix(self, messages: Messages) -> tuple[str, object, object]:
-        """Text, token ids and KV cache of everything before the last user turn (system + few-shot).
+    def _prefix(self, messages: Messages):
+        """Text and encoded cache of everything before the last user turn (system + few-shot).
 
         That prefix is the same for every passage, so it is encoded once instead of once per call.
         """
-        import torch
+        from embedforge.decoding import encode_prefix
 
         text = self._tokenizer.apply_chat_template(messages[:-1], tokenize=False)
         if text not in self._prefix_cache:
             ids = self._tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(self._model.device)
-            with torch.inference_mode():
-                cache = self._model(ids, use_cache=True).past_key_values
-            self._prefix_cache[text] = (ids, cache)
-        return (text, *self._prefix_cache[text])
+            self._prefix_cache[text] = encode_prefix(self._model, ids)
+        return text, self._prefix_cache[text]
 
     def _generate(self, batch: list[tuple[Messages, float, int]], seed: int = 0) -> list[Completion]:
-        import copy
-
-        import torch
+        from embedforge.decoding import sample
 
         if self._model is None:
             self._load()
         started = time.monotonic()
-        texts = [self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages, _, _ in batch]
-        prefix_text, prefix_ids, prefix_cache = self._prefix(batch[0][0])
-        shared = all(text.startswith(prefix_text) for text in texts) and all(m[:-1] == batch[0][0][:-1] for m, _, _ in batch)
-        size = len(texts)
+        tokenizer = self._tokenizer
+        prompts: dict[str, list[int]] = {}  # messages key -> rows of the batch that ask it
+        texts: dict[str, str] = {}
+        for row, (messages, _, _) in enumerate(batch):
+            key = _messages_key(messages)
+            prompts.setdefault(key, []).append(row)
+            texts.setdefault(key, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        prefix_text, prefix = self._prefix(batch[0][0])
+        shared = all(text.startswith(prefix_text) for text in texts.values()) and all(m[:-1] == batch[0][0][:-1] for m, _, _ in batch)
         if shared:
-            encoded = self._tokenizer([t[len(prefix_text) :] for t in texts], return_tensors="pt", padding=True, add_special_tokens=False).to(self._model.device)
-            input_ids = torch.cat([prefix_ids.expand(size, -1), encoded["input_ids"]], dim=1)
-            # Padding sits between prefix and suffix; the mask hides it and positions follow the mask.
-            attention_mask = torch.cat([torch.ones_like(prefix_ids).expand(size, -1), encoded["attention_mask"]], dim=1)
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(size)
-            extra = {_cache_argument(): cache}
+            ids = [tokenizer(text[len(prefix_text) :], add_special_tokens=False)["input_ids"] for text in texts.values()]
         else:
-            encoded = self._tokenizer(texts, return_tensors="pt", padding=True).to(self._model.device)
-            input_ids, attention_mask, extra = encoded["input_ids"], encoded["attention_mask"], {}
-        temperature = batch[0][1]
-        max_tokens = max(item[2] for item in batch)
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            output = self._model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_p=0.9 if temperature > 0 else None,
-                pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
-                # Prompts ask for one query per line; a newline after it ends a sequence early.
-                stop_strings=["\n"] if self.stop_at_newline else None,
-                tokenizer=self._tokenizer,
-                **extra,
-            )
-        prompt_length = input_ids.shape[1]
+            ids, prefix = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts.values()], None
+        order = [row for rows in prompts.values() for row in rows]
+        written = sample(
+            self._model,
+            ids,
+            samples=[len(rows) for rows in prompts.values()],
+            max_new_tokens=[batch[row][2] for row in order],
+            stop_tokens=self._stop_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            temperature=batch[0][1],
+            top_p=self.top_p,
+            prefix=prefix,
+            seed=seed,
+        )
         latency = time.monotonic() - started
-        completions = []
-        for row, mask in zip(output, attention_mask):
-            generated = row[prompt_length:]
-            stopped = bool((generated == self._tokenizer.eos_token_id).any()) or "\n" in self._tokenizer.decode(generated)
-            completions.append(
-                Completion(
-                    text=self._tokenizer.decode(generated, skip_special_tokens=True),
-                    finish_reason="stop" if stopped else "length",
-                    usage={"prompt_tokens": int(mask.sum()), "completion_tokens": int((generated != self._tokenizer.pad_token_id).sum())},
-                    latency=latency,
-                )
+        prompt_tokens = {key: len(prompt) + (prefix.ids.shape[1] if prefix is not None else 0) for key, prompt in zip(prompts, ids)}
+        row_key = {row: key for key, rows in prompts.items() for row in rows}
+        completions: list[Completion | None] = [None] * len(batch)
+        for row, tokens in zip(order, written):
+            stopped = bool(tokens) and bool(self._stop_tokens[tokens[-1]])
+            completions[row] = Completion(
+                text=tokenizer.decode(tokens, skip_special_tokens=True),
+                finish_reason="stop" if stopped else "length",
+                usage={"prompt_tokens": prompt_tokens[row_key[row]], "completion_tokens": len(tokens)},
+                latency=latency,
             )
         return completions
+
+
+def _messages_key(messages: Messages) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
 def _batch_seed(base: int, seeds: list[int | None]) -> int:
@@ -598,34 +599,28 @@ def _batch_seed(base: int, seeds: list[int | None]) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def _cache_argument() -> str:
-    # transformers 5 renamed generate's `past_key_values` to `cache`.
-    import transformers
-
-    return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
-
-
 def _fast_dtype(device: str):
-    """bfloat16 where the hardware computes it natively (recent CPUs, most GPUs), else float32."""
+    """bfloat16 where the hardware computes it natively (recent CPUs, most GPUs; float16 on older
+    GPUs), else float32."""
     import torch
 
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32
+    from embedforge.hardware import native_bfloat16
+
+    if native_bfloat16(device):
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def make_chat_model(base_url: str | tuple[str, ...] | None, llm_model: str, api_key_env: str, timeout: float, max_attempts: int, concurrency: int, seed: int,
-                    max_wait_total: float = 900.0) -> ChatModel:
-    """The local model when no endpoint is configured, else an OpenAI-compatible client (several
-    endpoints: replicas of one model, `concurrency` each)."""
+                    max_wait_total: float = 900.0, local_batch_size: int | None = None) -> ChatModel:
+    """The local model when no endpoint is configured (batches of `local_batch_size` calls, default
+    `concurrency`), else an OpenAI-compatible client (several endpoints: replicas of one model,
+    `concurrency` each)."""
     import os
 
     urls = (base_url,) if isinstance(base_url, str) else tuple(base_url or ())
     if not urls:
-        return LocalChatModel(batch_size=concurrency, seed=seed)
+        return LocalChatModel(batch_size=local_batch_size or concurrency, seed=seed)
     api_key = os.environ.get(api_key_env)
     if not api_key:
         remote = [url for url in urls if (urlsplit(url).hostname or "") not in {"127.0.0.1", "localhost", "::1"}]

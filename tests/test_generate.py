@@ -57,7 +57,7 @@ class ScriptedLLM(FakeChatModel):
 
 
 def _config(**changes):
-    values = dict(min_pairs=10, round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=4, max_rounds=2)
+    values = dict(min_pairs=10, round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=4, max_rounds=2, samples_per_passage=1)
     values.update(changes)
     return GenerateConfig(**values)
 
@@ -330,7 +330,8 @@ def test_objects_from_before_the_calls_are_frozen_during_them_and_released_after
         gc.unfreeze()
 
 
-def test_a_passage_that_gave_nothing_in_barren_rounds_rounds_is_not_asked_again(tmp_path):
+@pytest.mark.parametrize("samples", [1, 2])
+def test_a_passage_that_gave_nothing_in_barren_rounds_rounds_is_not_asked_again(tmp_path, samples):
     passages = make_passages()
     barren = {p["text"] for p in passages[:10]}  # the fake model sees the passage's text
 
@@ -347,9 +348,15 @@ def test_a_passage_that_gave_nothing_in_barren_rounds_rounds_is_not_asked_again(
                 return await super().complete(messages, **options)
 
         with pytest.raises(EmbedforgeError):  # min_pairs is out of reach: all 4 rounds run
-            generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / str(rounds), _config(min_pairs=10_000, max_rounds=4, barren_rounds=rounds), Recording(answer), seed=0)
-    train = {pid for pid, count in asked[0].items() if count == 4}  # held-out passages are asked once, before the rounds
+            generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / str(rounds), _config(min_pairs=10_000, max_rounds=4, barren_rounds=rounds, samples_per_passage=samples), Recording(answer), seed=0)
+    train = {pid for pid, count in asked[0].items() if count == 4 * samples}  # held-out passages are asked once, before the rounds
     assert train & barren and train - barren
-    assert all(asked[2][pid] == 2 for pid in train & barren)  # two barren rounds, then left out
-    assert all(asked[2][pid] == 4 for pid in train - barren)
+    # A round is barren for a passage when none of its samples gave a query, however many there were.
+    assert all(asked[2][pid] == 2 * samples for pid in train & barren)  # two barren rounds, then left out
+    assert all(asked[2][pid] == 4 * samples for pid in train - barren)
+    # Each call of a passage has a sample index of its own: round r asks r*samples .. r*samples+samples-1.
+    indexes = {}
+    for row in read_jsonl(tmp_path / "0" / "requests.jsonl"):
+        indexes.setdefault(row["passage_id"], set()).add(row["sample_index"])
+    assert {frozenset(found) for found in indexes.values()} >= {frozenset(range(4 * samples))}
     assert {pid: count for pid, count in asked[2].items() if pid not in train} == {pid: count for pid, count in asked[0].items() if pid not in train}

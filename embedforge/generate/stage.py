@@ -46,8 +46,11 @@ STAGE_VERSION = 3  # 2: imported pairs are split by query, not by passage; 3: im
 
 
 def in_flight(config: GenerateConfig) -> int:
-    """Calls in flight at most: --concurrency per endpoint (each replica holds its own)."""
-    return config.concurrency * max(1, len(config.base_url))
+    """Calls in flight at most: --concurrency per endpoint (each replica holds its own); the local
+    model batches --concurrency passages, each with its samples (they share one prefill)."""
+    if not config.base_url:
+        return config.concurrency * config.samples
+    return config.concurrency * len(config.base_url)
 
 
 def request_key(identity: dict, messages: list, temperature: float, max_tokens: int, sample_index: int, response_format: str = "text", reask: int = 0) -> str:
@@ -159,7 +162,9 @@ class _Generation:
         self.exported: list[dict] | None = [] if config.export_batch else None
         self.recent: deque[bool] = deque(maxlen=FAILING_WINDOW)  # True for a failed request
         self.failed_statuses: Counter = Counter()
-        self.chunk = max(64, config.concurrency * 4)  # replicas add none: where the stage stops must not depend on them
+        # Replicas add none: where the stage stops must not depend on them. A whole number of
+        # passages: a passage's samples are filtered together (see process).
+        self.chunk = max(64, config.concurrency * 4) * config.samples
         self.barren: Counter = Counter()  # passage id -> rounds whose answer gave no accepted training query
         self.ledger: JsonlAppender | None = None
 
@@ -291,13 +296,13 @@ class _Generation:
         use_round_trip = self.round_trip and config.round_trip_k and train_candidates
         ranks = self.round_trip([c[2] for c in train_candidates], [c[0].passage["_id"] for c in train_candidates]) if use_round_trip else []
         rank_of = {id(c): rank for c, rank in zip(train_candidates, ranks)}
-        fruitful = set()
+        fruitful = set()  # passage ids with an accepted query from this chunk
         for candidate in candidates:
             work, position, query, key = candidate
             if id(candidate) in rank_of and rank_of[id(candidate)] >= config.round_trip_k:
                 self.reject(work, query, "round_trip", key)
                 continue
-            fruitful.add(id(work))
+            fruitful.add(work.passage["_id"])
             stats.accepted[work.split] += 1
             self.accepted.append(
                 {
@@ -309,9 +314,10 @@ class _Generation:
                     "request_sha": key,
                 }
             )
-        for work, _, completion, _, _ in results:
-            if completion is not None and work.split == "train" and id(work) not in fruitful:
-                self.barren[work.passage["_id"]] += 1
+        # A round of a passage is barren when none of its samples gave a training query.
+        answered = {work.passage["_id"] for work, _, completion, _, _ in results if completion is not None and work.split == "train"}
+        for passage_id in answered - fruitful:
+            self.barren[passage_id] += 1
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -356,15 +362,18 @@ class _Generation:
 
             # An export cannot know which answers will pass the filters: it writes one full round.
             rounds = 1 if self.exported is not None else config.max_rounds
-            for sample_index in range(rounds):
+            samples = config.samples
+            for round_index in range(rounds):
                 if self.enough() or self.budget_spent():
                     break
-                stats.rounds = sample_index + 1
+                stats.rounds = round_index + 1
                 # A passage whose answers gave nothing in barren_rounds rounds would most likely give
                 # nothing again: on the embedded model, each such ask is seconds of CPU thrown away.
                 asked = [p for p in self.by_split["train"] if not config.barren_rounds or self.barren[p["_id"]] < config.barren_rounds]
                 stats.barren_skipped += len(self.by_split["train"]) - len(asked)
-                work = [_Work(p, "train", sample_index) for p in asked]
+                # Sample indexes round after round (round r asks r*samples ... r*samples+samples-1):
+                # with one sample they are the round numbers, as in ledgers written before.
+                work = [_Work(p, "train", round_index * samples + offset) for p in asked for offset in range(samples)]
                 await self.in_order(self.chunks(work), _NullBar(), needed_after, chunk_done)
 
     def write_decided(self) -> None:
