@@ -46,7 +46,7 @@ class EveryThirdAndFifth:
 def test_rate_limits_and_server_errors_are_ridden_out(tmp_path, fake_openai):
     endpoint = EveryThirdAndFifth(retry_after=0.01)
     fake_openai.responder = endpoint
-    config = GenerateConfig(min_pairs=400, concurrency=8, round_trip_k=0, max_rounds=4, max_attempts=6)
+    config = GenerateConfig(base_url=fake_openai.base_url, min_pairs=400, concurrency=8, round_trip_k=0, max_rounds=4, max_attempts=6)
     model = OpenAIChatModel(fake_openai.base_url, "fake-model", "k", concurrency=config.concurrency, max_attempts=config.max_attempts, max_wait=0.2)
     stats = generate(many_passages(500), load_prompt(DEFAULT_PROMPT), tmp_path, config, model, seed=0)
 
@@ -63,7 +63,7 @@ def test_rate_limits_and_server_errors_are_ridden_out(tmp_path, fake_openai):
 def test_a_request_out_of_attempts_is_recorded_failed_and_asked_again_later(tmp_path, fake_openai):
     fake_openai.responder = lambda body: "what about item " + str(len(fake_openai.requests)) + " here"
     fake_openai.script(*[Fault.status(503)] * 2)  # the first request's two attempts
-    config = GenerateConfig(min_pairs=20, concurrency=1, round_trip_k=0, max_attempts=2, dev_fraction=0.0, test_fraction=0.0)
+    config = GenerateConfig(base_url=fake_openai.base_url, min_pairs=20, concurrency=1, round_trip_k=0, max_attempts=2, dev_fraction=0.0, test_fraction=0.0)
     model = OpenAIChatModel(fake_openai.base_url, "fake-model", "k", concurrency=1, max_attempts=2, max_wait=0.01)
     stats = generate(many_passages(20), load_prompt(DEFAULT_PROMPT), tmp_path, config, model, seed=0)
     rows = read_jsonl(tmp_path / "requests.jsonl")
@@ -77,7 +77,7 @@ def test_a_request_out_of_attempts_is_recorded_failed_and_asked_again_later(tmp_
 
 def test_an_endpoint_that_fails_for_good_stops_with_the_statuses_and_the_fix(tmp_path, fake_openai):
     fake_openai.responder = lambda body: Fault.status(500)
-    config = GenerateConfig(min_pairs=20, concurrency=4, round_trip_k=0, max_attempts=2)
+    config = GenerateConfig(base_url=fake_openai.base_url, min_pairs=20, concurrency=4, round_trip_k=0, max_attempts=2)
     model = OpenAIChatModel(fake_openai.base_url, "fake-model", "k", concurrency=4, max_attempts=2, max_wait=0.01)
     with pytest.raises(EmbedforgeError) as caught:
         generate(many_passages(100), load_prompt(DEFAULT_PROMPT), tmp_path, config, model, seed=0)
