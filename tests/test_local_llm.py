@@ -52,7 +52,7 @@ def tiny_causal_lm(tmp_path_factory):
     fast.save_pretrained(folder)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=True, initializer_range=0.5)  # weights big enough that the answer depends on the prompt
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -129,6 +129,33 @@ def test_grouped_attention_equals_transformers_eager_attention():
     ours, _ = decoding.grouped_attention(Module(), query, key, value, mask, scaling=dim**-0.5)
     theirs, _ = eager_attention_forward(Module(), query, key, value, mask, scaling=dim**-0.5)
     assert ours.shape == theirs.shape == (batch, queries, heads, dim)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_attention_over_a_shared_prefix_equals_attention_over_each_row_with_the_prefix_copied_in():
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(1)
+    batch, heads, kv_heads, queries, own, shared, dim = 3, 6, 2, 2, 5, 7, 8
+    query = torch.randn(batch, heads, queries, dim)
+    key, value = torch.randn(batch, kv_heads, own, dim), torch.randn(batch, kv_heads, own, dim)
+    prefix_key, prefix_value = torch.randn(1, kv_heads, shared, dim), torch.randn(1, kv_heads, shared, dim)
+    mask = torch.zeros(batch, 1, queries, own)
+    mask[0, :, :, :2] = torch.finfo(torch.float32).min  # left padding of the first row's own part
+
+    class Module:
+        num_key_value_groups = heads // kv_heads
+        training = False
+        layer_idx = 0
+
+    prefix = decoding.Prefix(ids=torch.zeros(1, shared, dtype=torch.long), cache=SimpleNamespace(layers=[SimpleNamespace(keys=prefix_key, values=prefix_value)]))
+    ours, _ = decoding.grouped_attention(Module(), query, key, value, mask, scaling=dim**-0.5, shared_prefix=prefix)
+    copied_key = torch.cat([prefix_key.expand(batch, -1, -1, -1), key], dim=2)
+    copied_value = torch.cat([prefix_value.expand(batch, -1, -1, -1), value], dim=2)
+    full_mask = torch.cat([torch.zeros(batch, 1, queries, shared), mask], dim=-1)
+    theirs, _ = eager_attention_forward(Module(), query, copied_key, copied_value, full_mask, scaling=dim**-0.5)
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
