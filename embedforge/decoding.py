@@ -2,7 +2,8 @@
 
 The embedded query writer answers thousands of prompts that share their instructions and
 few-shot turns, asks several samples of the same prompt, and wants one line back. So: the shared
-prefix is encoded once (its cache copied into each batch), each distinct prompt is prefilled once
+prefix is encoded once and attended to once per step for the whole batch (the rows' caches hold
+their own tokens only), each distinct prompt is prefilled once
 however many samples it is asked for, only the last position's logits are computed, a row leaves
 the batch as soon as it writes a newline or the end token (the others no longer wait on it), and
 attention runs over grouped key/value heads without copying them per query head.
@@ -49,16 +50,20 @@ def grouped_attention(module, query, key, value, attention_mask, scaling=None, d
     else:
         layer = shared_prefix.cache.layers[module.layer_idx]
         prefix_keys, prefix_values = layer.keys[0], layer.values[0]  # (kv_heads, prefix, head_dim)
-        # All rows' queries of one key/value head against its prefix keys in one matmul: no copy per row.
-        by_head = grouped.transpose(0, 1).reshape(kv_heads, batch * groups * query_length, head_dim)
-        prefix_scores = (torch.matmul(by_head, prefix_keys.transpose(-1, -2)) * scale).view(kv_heads, batch, groups * query_length, -1).transpose(0, 1)
         length = prefix_keys.shape[-2]
+        prefix_scores = _across_rows(grouped, prefix_keys.transpose(-1, -2)) * scale
         probabilities = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1, dtype=torch.float32).to(query.dtype)
-        on_prefix = probabilities[..., :length].transpose(0, 1).reshape(kv_heads, batch * groups * query_length, length)
-        output = torch.matmul(on_prefix, prefix_values).view(kv_heads, batch, groups * query_length, head_dim).transpose(0, 1)
-        output = output + torch.matmul(probabilities[..., length:], value)
+        output = _across_rows(probabilities[..., :length], prefix_values) + torch.matmul(probabilities[..., length:], value)
     output = output.reshape(batch, heads, query_length, head_dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _across_rows(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`left` (batch, kv_heads, n, k) times one `right` (kv_heads, k, m) shared by every row, as one
+    matmul per key/value head over all rows together: `right` is never copied per row."""
+    batch, kv_heads, n, k = left.shape
+    product = torch.matmul(left.transpose(0, 1).reshape(kv_heads, batch * n, k), right)
+    return product.view(kv_heads, batch, n, -1).transpose(0, 1)
 
 
 def register_grouped_attention() -> str:
@@ -111,6 +116,9 @@ def sample(
     Rows come out grouped by prompt, in order. A row ends at a stop token (kept in its output) or
     after `max_new_tokens[i]` tokens. temperature 0 is greedy.
     """
+    if prefix is not None and model.config._attn_implementation != GROUPED_ATTENTION:
+        # Any other attention would drop the `shared_prefix` argument and answer without the prefix.
+        raise ValueError(f"a shared prefix needs the model loaded with attn_implementation={GROUPED_ATTENTION!r}")
     device = model.device
     count = len(prompts)
     start = prefix.ids.shape[1] if prefix is not None else 0
