@@ -179,6 +179,26 @@ def test_examples_file_reaches_the_system_message(tmp_path):
     assert all("real user question two" in system for system in seen)
 
 
+def test_the_local_model_reads_a_shorter_passage_than_an_endpoint_by_default(tmp_path):
+    words = " ".join(f"word{index}" for index in range(400))  # ~2,800 characters
+    passages = [{**passage, "text": passage["text"] + " " + words} for passage in make_passages()]
+    seen = {}
+
+    def run(name, **changes):
+        class Recording(ScriptedLLM):
+            async def complete(self, messages, **options):
+                seen.setdefault(name, []).append(passage_of(messages))
+                return await super().complete(messages, **options)
+
+        generate(passages, load_prompt(DEFAULT_PROMPT), tmp_path / name, _config(**changes), Recording(), seed=0)
+
+    run("local")
+    run("endpoint", base_url="http://127.0.0.1:9/v1")
+    run("set", base_url="http://127.0.0.1:9/v1", max_passage_tokens=128)
+    assert max(len(text) for text in seen["local"]) <= 128 * 4 < min(len(text) for text in seen["endpoint"])
+    assert max(len(text) for text in seen["set"]) <= 128 * 4
+
+
 def test_batch_export_then_import(tmp_path):
     batch = tmp_path / "batch.jsonl"
     with pytest.raises(EmbedforgeError, match="Batch API") as caught:

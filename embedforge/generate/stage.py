@@ -195,7 +195,7 @@ class _Generation:
     async def ask(self, work: _Work, reask: int) -> tuple[str, Completion | None, str | None]:
         """(request key, the answer or None, why there is none: "failed", "context_length" or None)."""
         config, stats, llm = self.config, self.stats, self.llm
-        text = clip_passage(work.passage["text"], config.max_passage_tokens)
+        text = clip_passage(work.passage["text"], config.passage_tokens)
         messages = render_messages(self.prompt, text, work.passage.get("title", ""), config.queries_per_passage, self.delimiter, self.user_queries)
         key = request_key(llm.identity, messages, config.temperature, config.max_tokens, work.sample_index, config.response_format, reask)
         if key in self.answered:
