@@ -31,6 +31,7 @@ LOCAL_SAMPLES_PER_PASSAGE = 4
 # 212-235 s: reading a ~330-token abstract was most of the small model's time, and its queries
 # about the passage's start still find the whole passage.
 LOCAL_PASSAGE_TOKENS = 128
+ENDPOINT_PASSAGE_TOKENS = 2048
 LOCAL_LLM = "SmolLM2-135M-Instruct"
 
 RUNTIME_ONLY = {"engine", "ray_address", "ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor", "concurrency", "encode_batch_size", "timeout", "max_attempts", "max_wait_total", "export_batch", "import_batch", "keep_checkpoints"}
@@ -108,7 +109,7 @@ class GenerateConfig(_Frozen):
         """max_passage_tokens, its default resolved (from base_url, as samples)."""
         if self.max_passage_tokens is not None:
             return self.max_passage_tokens
-        return LOCAL_PASSAGE_TOKENS if not self.base_url else 2048
+        return LOCAL_PASSAGE_TOKENS if not self.base_url else ENDPOINT_PASSAGE_TOKENS
 
     min_query_words: int = Field(2, ge=1)
     max_query_words: int = Field(24, ge=1)

@@ -12,7 +12,7 @@ from embedforge.config import DEFAULT_PROMPT, GenerateConfig
 from embedforge.errors import EmbedforgeError
 from embedforge.files import read_jsonl
 from embedforge.generate import generate, parse_queries, reject_reason
-from embedforge.prompts import load_prompt
+from embedforge.prompts import CHARACTERS_PER_TOKEN, load_prompt
 
 
 def test_parse_queries_json_and_lines():
@@ -195,8 +195,9 @@ def test_the_local_model_reads_a_shorter_passage_than_an_endpoint_by_default(tmp
     run("local")
     run("endpoint", base_url="http://127.0.0.1:9/v1")
     run("set", base_url="http://127.0.0.1:9/v1", max_passage_tokens=128)
-    assert max(len(text) for text in seen["local"]) <= 128 * 4 < min(len(text) for text in seen["endpoint"])
-    assert max(len(text) for text in seen["set"]) <= 128 * 4
+    limit = 128 * CHARACTERS_PER_TOKEN
+    assert max(len(text) for text in seen["local"]) <= limit < min(len(text) for text in seen["endpoint"])
+    assert max(len(text) for text in seen["set"]) <= limit
 
 
 def test_batch_export_then_import(tmp_path):
