@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_passages, passage_responder
 from fake_llm import FakeChatModel, from_passage, passage_of
-from embedforge.config import DEFAULT_PROMPT, GenerateConfig
+from embedforge.config import DEFAULT_PROMPT, LOCAL_PASSAGE_TOKENS, GenerateConfig
 from embedforge.errors import EmbedforgeError
 from embedforge.files import read_jsonl
 from embedforge.generate import generate, parse_queries, reject_reason
@@ -194,8 +194,8 @@ def test_the_local_model_reads_a_shorter_passage_than_an_endpoint_by_default(tmp
 
     run("local")
     run("endpoint", base_url="http://127.0.0.1:9/v1")
-    run("set", base_url="http://127.0.0.1:9/v1", max_passage_tokens=128)
-    limit = 128 * CHARACTERS_PER_TOKEN
+    run("set", base_url="http://127.0.0.1:9/v1", max_passage_tokens=LOCAL_PASSAGE_TOKENS)
+    limit = LOCAL_PASSAGE_TOKENS * CHARACTERS_PER_TOKEN
     assert max(len(text) for text in seen["local"]) <= limit < min(len(text) for text in seen["endpoint"])
     assert max(len(text) for text in seen["set"]) <= limit
 
