@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embedforge.errors import EmbedforgeError
 
@@ -115,6 +115,16 @@ class GenerateConfig(_Frozen):
     max_query_words: int = Field(24, ge=1)
     max_copy_overlap: float = Field(0.8, gt=0, le=1, description="reject a query whose tokens are mostly a span of the passage")
     round_trip_k: int = Field(10, ge=0, description="keep a training pair only if the base model ranks its passage this high; 0 = off")
+    keep_per_passage: int | None = Field(
+        None, ge=1, description="keep at most this many of a passage's training queries each round: those for which the base model ranks the passage highest (round-trip rank; needs --round-trip-k). Unset: every one that passes"
+    )
+
+    @model_validator(mode="after")
+    def _ranked_by_round_trip(self) -> "GenerateConfig":
+        if self.keep_per_passage is not None and not self.round_trip_k:
+            raise ValueError("keep_per_passage ranks a passage's queries by the round trip: set round_trip_k above 0, or leave keep_per_passage unset")
+        return self
+
     dev_fraction: float = Field(0.1, ge=0, lt=0.5)
     test_fraction: float = Field(0.1, ge=0, lt=0.5)
     max_dev_queries: int = Field(200, ge=0)

@@ -12,6 +12,7 @@ from embedforge.config import DEFAULT_PROMPT, LOCAL_PASSAGE_TOKENS, GenerateConf
 from embedforge.errors import EmbedforgeError
 from embedforge.files import read_jsonl
 from embedforge.generate import generate, parse_queries, reject_reason
+from embedforge.llm import Completion
 from embedforge.prompts import CHARACTERS_PER_TOKEN, load_prompt
 
 
@@ -381,3 +382,42 @@ def test_a_passage_that_gave_nothing_in_barren_rounds_rounds_is_not_asked_again(
         indexes.setdefault(row["passage_id"], set()).add(row["sample_index"])
     assert {frozenset(found) for found in indexes.values()} >= {frozenset(range(4 * samples))}
     assert {pid: count for pid, count in asked[2].items() if pid not in train} == {pid: count for pid, count in asked[0].items() if pid not in train}
+
+
+class SeededLLM(FakeChatModel):
+    """Answers vary by the request's seed (one per sample), so a passage's samples differ."""
+
+    async def complete(self, messages, *, temperature, max_tokens, response_format="text", seed=None):
+        words = passage_of(messages).split()
+        self.calls += 1
+        return Completion(text=f"what about {words[1]} {words[4]} take {seed % 997}", finish_reason="stop", usage={})
+
+
+def _rank_by_last_word(queries, passage_ids):
+    return [int(query.split()[-1]) % 13 for query in queries]  # 10, 11, 12 fail the round trip at k 10
+
+
+def test_keep_per_passage_keeps_the_best_ranked_queries_of_each_passage(tmp_path):
+    settings = dict(min_pairs=10_000, max_rounds=1, round_trip_k=10, samples_per_passage=6)
+    kept = {}
+    for keep in (None, 2):
+        with pytest.raises(EmbedforgeError, match="fewer than min_pairs"):
+            generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path / str(keep), _config(keep_per_passage=keep, **settings),
+                     SeededLLM(), seed=0, round_trip=_rank_by_last_word)
+        by_passage = {}
+        for row in read_jsonl(tmp_path / str(keep) / "queries.jsonl"):
+            if row["split"] == "train":
+                by_passage.setdefault(row["passage_id"], []).append(row["text"])
+        kept[keep] = by_passage
+        rejects = Counter(row["reason"] for row in read_jsonl(tmp_path / str(keep) / "rejects.jsonl"))
+    assert rejects["round_trip"] > 0 and any(len(texts) > 2 for texts in kept[None].values())
+    assert kept[2].keys() == kept[None].keys()
+    for passage_id, texts in kept[None].items():
+        best = sorted(texts, key=lambda text: int(text.split()[-1]) % 13)[:2]
+        assert sorted(kept[2][passage_id], key=lambda text: int(text.split()[-1]) % 13) == best
+    assert rejects["ranked_out"] == sum(len(texts) for texts in kept[None].values()) - sum(len(texts) for texts in kept[2].values())
+
+
+def test_keep_per_passage_needs_the_round_trip():
+    with pytest.raises(ValueError, match="keep_per_passage ranks"):
+        GenerateConfig(keep_per_passage=2, round_trip_k=0)

@@ -296,11 +296,15 @@ class _Generation:
         use_round_trip = self.round_trip and config.round_trip_k and train_candidates
         ranks = self.round_trip([c[2] for c in train_candidates], [c[0].passage["_id"] for c in train_candidates]) if use_round_trip else []
         rank_of = {id(c): rank for c, rank in zip(train_candidates, ranks)}
+        ranked_out = _ranked_out(train_candidates, rank_of, config) if config.keep_per_passage else set()
         fruitful = set()  # passage ids with an accepted query from this chunk
         for candidate in candidates:
             work, position, query, key = candidate
             if id(candidate) in rank_of and rank_of[id(candidate)] >= config.round_trip_k:
                 self.reject(work, query, "round_trip", key)
+                continue
+            if id(candidate) in ranked_out:
+                self.reject(work, query, "ranked_out", key)
                 continue
             fruitful.add(work.passage["_id"])
             stats.accepted[work.split] += 1
@@ -449,6 +453,19 @@ class _Generation:
         )
 
 
+def _ranked_out(candidates: list[tuple], rank_of: dict[int, int], config: GenerateConfig) -> set[int]:
+    """The candidates past each passage's best keep_per_passage, by round-trip rank (then sample
+    and position, so ties do not depend on timing). A chunk holds all samples of its passages,
+    so this is per passage and round. Without ranks (no round trip given) sample order decides."""
+    passing: dict[str, list[tuple]] = {}
+    for candidate in candidates:
+        work, position = candidate[0], candidate[1]
+        rank = rank_of.get(id(candidate), 0)
+        if rank < config.round_trip_k:
+            passing.setdefault(work.passage["_id"], []).append((rank, work.sample_index, position, id(candidate)))
+    return {entry[3] for ranked in passing.values() for entry in sorted(ranked)[config.keep_per_passage :]}
+
+
 class BatchExported(EmbedforgeError):
     """Not a failure: the pending requests were written for the batch API instead of being made."""
 
@@ -466,6 +483,8 @@ def _shortfall_fix(stats: Stats, has_llm: bool) -> str:
     top = max(stats.rejected, key=stats.rejected.get) if stats.rejected else None
     if top == "truncated":
         return "raise --max-tokens: most answers were cut off before they ended; answers already received are kept and reused"
+    if top == "ranked_out":
+        return "raise --keep-per-passage, or leave it unset to keep every query that passes; answers already received are kept and reused"
     if top == "import_unknown_passage":
         return "the imported pairs name passage ids that are not in the corpus: check their passage_id values against the corpus ids (--id-field)"
     if not has_llm:
