@@ -44,7 +44,7 @@ def _flag_type(annotation: Any) -> Any:
         return Optional[str]
     if origin in (tuple, list):
         # Numbers are given comma-separated (--matryoshka-dims 384,256); paths one flag each.
-        return Optional[str] if arguments[0] is int else Optional[list[arguments[0]]]
+        return Optional[str] if arguments[0] in (int, float) else Optional[list[arguments[0]]]
     if arguments and origin is not None:
         return _flag_type(arguments[0])
     return Optional[annotation]

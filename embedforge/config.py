@@ -54,7 +54,40 @@ class CorpusConfig(_Frozen):
 
 
 class GenerateConfig(_Frozen):
-    prompt: Path = DEFAULT_PROMPT
+    prompt: tuple[Path, ...] = Field(
+        (DEFAULT_PROMPT,), description="prompt file (TOML); give it several times to mix query styles, each training and held-out passage asked with one of them (by a hash of its id, in --prompt-shares)"
+    )
+    prompt_shares: tuple[float, ...] = Field((), description="share of the passages for each --prompt, in order, e.g. 0.5,0.3,0.2 (normalised); unset: equal shares")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_or_several_prompts(cls, value: Any) -> Any:
+        values = [value] if isinstance(value, (str, Path)) else list(value or ())
+        if not values:
+            raise ValueError("at least one prompt file is needed")
+        if len(set(map(str, values))) != len(values):
+            raise ValueError("a prompt file is given twice")
+        return tuple(values)
+
+    @field_validator("prompt_shares", mode="before")
+    @classmethod
+    def _comma_separated_shares(cls, value: Any) -> Any:
+        return tuple(float(part) for part in value.split(",") if part.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _shares_match_prompts(self) -> "GenerateConfig":
+        if self.prompt_shares and len(self.prompt_shares) != len(self.prompt):
+            raise ValueError(f"prompt_shares gives {len(self.prompt_shares)} shares for {len(self.prompt)} prompt files: give one per --prompt, in order")
+        if any(share <= 0 for share in self.prompt_shares):
+            raise ValueError("every prompt share must be above 0 (leave a prompt out instead)")
+        return self
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """prompt_shares normalised to sum to 1, one per prompt (equal when unset)."""
+        raw = self.prompt_shares or (1.0,) * len(self.prompt)
+        return tuple(share / sum(raw) for share in raw)
+
     base_url: tuple[str, ...] = Field((), description="OpenAI-compatible endpoint; give it several times for replicas of one model (each call goes to the least-loaded, each with its own --concurrency; answers are keyed by the first, so replicas after it come and go without paying twice); unset = the local model")
 
     @field_validator("base_url", mode="before")
@@ -276,7 +309,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     path_keys = [("corpus", "corpus")] + [("generate", key) for key in ("prompt", "examples", "queries", "export_batch", "import_batch")]
     for section, key in path_keys:
         if key in data.get(section, {}):
-            data[section][key] = resolve(data[section][key])
+            value = data[section][key]
+            data[section][key] = [resolve(item) for item in value] if isinstance(value, list) else resolve(value)
     for key in ("eval_set", "regression_set"):
         if key in data.get("evaluate", {}):
             data["evaluate"][key] = [resolve(value) for value in data["evaluate"][key]]

@@ -164,7 +164,8 @@ class Run:
 
         generate = self.config.generate
         check_source(self.config.corpus.corpus)
-        load_prompt(generate.prompt)
+        for path in generate.prompt:
+            load_prompt(path)
         for path, flag in ((generate.examples, "--examples"), (generate.queries, "--queries")):
             if path and not Path(path).exists():
                 raise EmbedforgeError(f"The {flag} file does not exist", where=str(path), fix=f"check {flag}: the path names no file")
@@ -258,7 +259,7 @@ class Run:
         from embedforge.prompts import load_prompt
 
         config = self.config.generate
-        prompt = load_prompt(config.prompt)  # validated before any model is loaded
+        prompts = [load_prompt(path) for path in config.prompt]  # validated before any model is loaded
         if self.llm_factory is None:
             raise EmbedforgeError("No LLM is configured", where="generate", fix="pass --base-url, or install the local model with `make setup`")
         llm = None if config.llm_model == "none" else self.llm_factory(config, self.config.seed)
@@ -268,7 +269,7 @@ class Run:
             ids = self.base_embeddings.ids
             return [next((rank for rank, i in enumerate(row) if i >= 0 and ids[i] == passage), config.round_trip_k) for row, passage in zip(indices, passage_ids)]
 
-        return generate_stage.generate(self.passages, prompt, self.path(plan.name), config, llm, self.config.seed, round_trip)
+        return generate_stage.generate(self.passages, prompts, self.path(plan.name), config, llm, self.config.seed, round_trip)
 
     def _run_mine(self, plan: StagePlan) -> dict:
         queries = [q for q in iter_jsonl(self.path(QUERIES)) if q["split"] == "train"]
@@ -302,7 +303,7 @@ class Run:
             checkpoints.mkdir(parents=True, exist_ok=True)
             marker.write_text(plan.fingerprint)
         dev_queries, dev_qrels = self._held_out(DEV_QRELS)
-        notes = {"corpus sha256": plan.inputs.get(CORPUS), "prompt sha256": sha256_file(self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
+        notes = {"corpus sha256": plan.inputs.get(CORPUS), "prompt sha256": ", ".join(sha256_file(path) for path in self.config.generate.prompt), "LLM": llm_note(self.config.generate)}
         rows = list(iter_jsonl(self.path(TRAIN_ROWS)))
         return train_stage.train(rows, self.passages, dev_queries, dev_qrels, self.config.base_model, self.path(plan.name), self.config.train, self.config.seed, self.config.encode_batch_size, notes,
                                  prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend)
@@ -360,7 +361,7 @@ class Stage:
 
 def _generate_inputs(run: Run) -> dict[str, str]:
     config = run.config.generate
-    return run.hash_inputs([run.path(CORPUS), config.prompt] + [path for path in (config.examples, config.queries) if path])
+    return run.hash_inputs([run.path(CORPUS), *config.prompt] + [path for path in (config.examples, config.queries) if path])
 
 
 def _evaluate_inputs(run: Run) -> dict[str, str]:
@@ -470,6 +471,8 @@ def _run_stages(pipeline: Run, selected: list[str], forced: set[str], dry_run: b
             "stats": stats, "seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), "device": _device(),
         })
         echo(f"{stage}: done in {seconds:.1f}s: {_summary(stats)}")
+        for name, counts in stats.get("by_prompt", {}).items():
+            echo(f"{stage}: {name}: {_prompt_line(counts)}")
 
 
 def _device() -> str:
@@ -512,6 +515,13 @@ def merge_note(train_stats: dict) -> str | None:
     chosen = f" (chosen on dev NDCG@10: {', '.join(f'alpha {key} {value:.4f}' for key, value in sweep.items())})" if sweep else ""
     return (f"fine-tuned here is {alpha:g} x the fine-tuned model + {1 - alpha:g} x the base model, parameter by parameter{chosen}; "
             f"the unmerged fine-tuned model is in train/model-unmerged.")
+
+
+def _prompt_line(counts: dict) -> str:
+    """What one of several prompts added: its answers, and the share of them that became queries."""
+    answers, train = counts.get("answers", 0), counts.get("accepted_train", 0)
+    held_out = counts.get("accepted_dev", 0) + counts.get("accepted_test", 0)
+    return f"{answers} answers, {train} training pairs and {held_out} held-out queries ({(train + held_out) / max(answers, 1):.2f} kept an answer)"
 
 
 def _summary(stats: dict) -> str:

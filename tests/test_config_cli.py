@@ -29,6 +29,21 @@ def test_merge_alpha_is_auto_or_a_number_from_a_flag_or_the_file(tmp_path):
     assert load_config(None, {"merge_alpha": "0.5"}).train.merge_alpha == 0.5 and RunConfig().train.merge_alpha == 1.0
 
 
+def test_prompt_is_one_file_or_several_with_shares(tmp_path):
+    (tmp_path / "embedforge.toml").write_text('[generate]\nprompt = "a.toml"\n')
+    assert load_config(tmp_path / "embedforge.toml").generate.prompt == ((tmp_path / "a.toml").resolve(),)  # config files written before
+    (tmp_path / "embedforge.toml").write_text('[generate]\nprompt = ["a.toml", "b.toml"]\nprompt_shares = [3, 1]\n')
+    generate = load_config(tmp_path / "embedforge.toml").generate
+    assert generate.prompt == ((tmp_path / "a.toml").resolve(), (tmp_path / "b.toml").resolve()) and generate.shares == (0.75, 0.25)
+    flags = load_config(None, {"prompt": [tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"]}).generate
+    assert flags.shares == pytest.approx((1 / 3,) * 3) and load_config(None, {"prompt": [tmp_path / "a.toml"]}).generate.shares == (1.0,)
+    for shares, message in (("0.5", "gives 1 shares for 2 prompt files"), ("1,0", "must be above 0")):
+        with pytest.raises(EmbedforgeError, match=message):
+            load_config(None, {"prompt": [tmp_path / "a.toml", tmp_path / "b.toml"], "prompt_shares": shares})
+    with pytest.raises(EmbedforgeError, match="given twice"):
+        load_config(None, {"prompt": [tmp_path / "a.toml", tmp_path / "a.toml"]})
+
+
 def test_unknown_keys_are_rejected(tmp_path):
     (tmp_path / "embedforge.toml").write_text("[generate]\nmin_pair = 5\n")
     with pytest.raises(EmbedforgeError, match="generate.min_pair: Extra inputs are not permitted"):
@@ -47,7 +62,7 @@ def test_init_writes_a_loadable_commented_config(tmp_path):
     assert "regression_set" in result.stdout and "eval_set" in result.stdout
     config = load_config(tmp_path / "project" / "embedforge.toml")
     assert config.model_dump(exclude={"run", "cache"}) == RunConfig().model_dump(exclude={"run", "cache"}) | {
-        "generate": {**RunConfig().generate.model_dump(), "prompt": (tmp_path / "project" / "prompts" / "question.toml").resolve()}
+        "generate": {**RunConfig().generate.model_dump(), "prompt": ((tmp_path / "project" / "prompts" / "question.toml").resolve(),)}
     }
     assert (tmp_path / "project" / "prompts" / "claim.toml").exists()
     assert cli("init", str(tmp_path / "project")).returncode == 1

@@ -421,3 +421,32 @@ def test_keep_per_passage_keeps_the_best_ranked_queries_of_each_passage(tmp_path
 def test_keep_per_passage_needs_the_round_trip():
     with pytest.raises(ValueError, match="keep_per_passage ranks"):
         GenerateConfig(keep_per_passage=2, round_trip_k=0)
+
+
+def test_several_prompts_each_ask_their_share_of_the_passages(tmp_path):
+    from embedforge.config import PROMPTS_DIR
+    from embedforge.generate.stage import prompt_of
+
+    paths = (PROMPTS_DIR / "question.toml", PROMPTS_DIR / "keyword.toml")
+    prompts = [load_prompt(path) for path in paths]
+
+    def answer(messages, call):
+        words = passage_of(messages).split()
+        return f"what about {words[1]} {words[4]} " + ("terms" if "keyword search query" in messages[0]["content"] else "history")
+
+    config = _config(prompt=paths, prompt_shares=(0.5, 0.5), min_pairs=1, samples_per_passage=2)
+    stats = generate(make_passages(), prompts, tmp_path, config, FakeChatModel(answer), seed=0)
+    queries = read_jsonl(tmp_path / "queries.jsonl")
+    assert {q["split"] for q in queries} == {"train", "dev", "test"}
+    for query in queries:
+        used = prompt_of(query["passage_id"], config.shares)
+        assert query["prompt_sha"] == prompts[used].sha256 and query["text"].endswith(("history", "terms")[used])
+    assert {q["prompt_sha"] for q in queries} == {p.sha256 for p in prompts}
+    counts = stats["by_prompt"]
+    assert sum(c["answers"] for c in counts.values()) == stats["calls_made"]
+    assert sum(c.get("accepted_train", 0) for c in counts.values()) == stats["accepted"]["train"]
+    assert (tmp_path / "prompt-1-question.toml").read_text() == paths[0].read_text() and (tmp_path / "prompt-2-keyword.toml").exists()
+    # the assignment is by id alone, in proportion to the shares
+    ids = [f"doc{index}" for index in range(4000)]
+    assert abs(sum(prompt_of(i, (0.75, 0.25)) == 0 for i in ids) / len(ids) - 0.75) < 0.03
+    assert [prompt_of(i, (1.0,)) for i in ids[:50]] == [0] * 50

@@ -86,7 +86,7 @@ def test_rerun_matrix(run_config, monkeypatch):
     assert ran(run_config(epochs=2)) == ["mine"]
 
     # editing the prompt reruns generate and everything downstream
-    prompt = run_config().generate.prompt
+    prompt = run_config().generate.prompt[0]
     prompt.write_text(prompt.read_text().replace("Use your own words.", "Use your own words, please."))
     assert runs.status(run_config(epochs=2))["generate"].startswith("stale (changed: input")
     assert ran(run_config(epochs=2)) == ["generate", "mine", "train", "evaluate"]

@@ -2,7 +2,8 @@
 
 Reads:  corpus.jsonl, the prompt file, the chat model, the base model's corpus embeddings.
 Writes: generate/requests.jsonl (append-only ledger, one line per answered LLM call),
-        generate/queries.jsonl, generate/rejects.jsonl, generate/prompt.toml,
+        generate/queries.jsonl, generate/rejects.jsonl, generate/prompt.toml (with several
+        --prompt files: generate/prompt-1-NAME.toml, ...),
         generate/eval/{queries.jsonl, qrels/dev.tsv, qrels/test.tsv}.
 Keeps:  every paid answer: a call is keyed by sha256 of {model, endpoint without credentials,
         messages, sampling parameters, sample index}; a rerun (after a crash, or after a
@@ -11,6 +12,8 @@ Keeps:  every paid answer: a call is keyed by sha256 of {model, endpoint without
 Passages are split train/dev/test by a hash of their id. Training pairs come from train
 passages in a seeded order, round after round (a new sample index is a new call) until
 `min_pairs` pairs pass every filter; dev and test passages get held-out queries once.
+With several prompts, each passage is asked with one of them, by a hash of its id within
+`prompt_shares`, so which prompt a passage gets depends on neither order nor the other passages.
 Imported pairs (`queries`) join first, through the same splits and dedup.
 """
 
@@ -23,12 +26,12 @@ import shutil
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from embedforge.config import GenerateConfig
-from embedforge.corpus import split_of
+from embedforge.corpus import split_of, unit_hash
 from embedforge.errors import EmbedforgeError
 from embedforge.files import JsonlAppender, iter_jsonl, sha256_json, write_jsonl
 from embedforge.generate.filters import parse_queries, reject_reason
@@ -68,6 +71,7 @@ class _Work:
     passage: dict
     split: str
     sample_index: int
+    prompt: int = 0  # index into the stage's prompts
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Stats:
     retries: Counter = field(default_factory=Counter)  # failed attempts that were retried (or ran out), by status
     backoffs: int = 0
     barren_skipped: int = 0  # passage asks left out of a round: earlier rounds of that passage gave nothing
+    by_prompt: dict = field(default_factory=dict)  # with several prompts: file name -> Counter of answers, accepted, rejected
 
     def as_dict(self) -> dict:
         return {
@@ -106,14 +111,26 @@ class Stats:
             "rejected": dict(self.rejected),
             "rounds": self.rounds,
             "barren_skipped": self.barren_skipped,
+            **({"by_prompt": {name: dict(counts) for name, counts in self.by_prompt.items()}} if self.by_prompt else {}),
         }
 
 
 RoundTrip = Callable[[list[str], list[str]], list[int]]  # (queries, passage ids) -> rank of each passage (0-based)
 
 
+def prompt_of(passage_id: str, shares: Sequence[float]) -> int:
+    """Which of the prompts (by their shares) asks this passage: a hash of its id, salted apart
+    from the split's, so each split gets every prompt in its share."""
+    value, edge = unit_hash("prompt:" + passage_id), 0.0
+    for index, share in enumerate(shares[:-1]):
+        edge += share
+        if value < edge:
+            return index
+    return len(shares) - 1
+
+
 def generate(
-    passages: list[dict], prompt: Prompt, out_dir: Path, config: GenerateConfig, llm: ChatModel, seed: int, round_trip: RoundTrip | None = None
+    passages: list[dict], prompts: Prompt | Sequence[Prompt], out_dir: Path, config: GenerateConfig, llm: ChatModel, seed: int, round_trip: RoundTrip | None = None
 ) -> dict:
     # Objects that exist before the calls start (the corpus, the ledger, torch and a model when the
     # round trip is on) live through the whole stage: frozen, the collector stops rescanning them.
@@ -126,7 +143,10 @@ def generate(
     try:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return asyncio.run(_Generation(passages, prompt, out_dir, config, llm, seed, round_trip).run())
+        prompts = (prompts,) if isinstance(prompts, Prompt) else tuple(prompts)
+        if len(prompts) != len(config.shares):
+            raise ValueError(f"{len(prompts)} prompts for the config's {len(config.shares)} prompt files")
+        return asyncio.run(_Generation(passages, prompts, out_dir, config, llm, seed, round_trip).run())
     finally:
         if freeze:
             gc.unfreeze()
@@ -137,13 +157,14 @@ class _Generation:
     budgets; its methods are the steps of the loop. An object rather than closures, so each piece
     of state is named once and every step can be read on its own."""
 
-    def __init__(self, passages, prompt: Prompt, out_dir: Path, config: GenerateConfig, llm: ChatModel | None, seed: int, round_trip: RoundTrip | None):
-        self.passages, self.prompt, self.out_dir, self.config, self.llm, self.round_trip = passages, prompt, out_dir, config, llm, round_trip
+    def __init__(self, passages, prompts: tuple[Prompt, ...], out_dir: Path, config: GenerateConfig, llm: ChatModel | None, seed: int, round_trip: RoundTrip | None):
+        self.passages, self.prompts, self.out_dir, self.config, self.llm, self.round_trip = passages, prompts, out_dir, config, llm, round_trip
         self.ledger_path = out_dir / "requests.jsonl"
         # Failed requests are in the ledger too, never as answers: they are asked again.
         self.answered = {row["request_sha"]: row for row in iter_jsonl(self.ledger_path) if not row.get("failed")} if self.ledger_path.exists() else {}
         self.stats = Stats()
-        self.delimiter = run_delimiter(seed, prompt.sha256)
+        self.delimiters = [run_delimiter(seed, prompt.sha256) for prompt in prompts]
+        self.prompt_index = {p["_id"]: prompt_of(p["_id"], config.shares) if len(prompts) > 1 else 0 for p in passages}
         self.by_split: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
         for passage in passages:
             self.by_split[split_of(passage["_id"], config.dev_fraction, config.test_fraction)].append(passage)
@@ -151,8 +172,8 @@ class _Generation:
         for split in self.by_split:
             rng.shuffle(self.by_split[split])
         per_passage = config.queries_per_passage
-        self.held_out = [_Work(p, "dev", 0) for p in self.by_split["dev"][: -(-config.max_dev_queries // per_passage)]]
-        self.held_out += [_Work(p, "test", 0) for p in self.by_split["test"][: -(-config.max_test_queries // per_passage)]]
+        self.held_out = [self.work(p, "dev", 0) for p in self.by_split["dev"][: -(-config.max_dev_queries // per_passage)]]
+        self.held_out += [self.work(p, "test", 0) for p in self.by_split["test"][: -(-config.max_test_queries // per_passage)]]
         self.accepted: list[dict] = []
         self.rejects: list[dict] = []
         self.seen_queries: set[str] = set()
@@ -167,6 +188,13 @@ class _Generation:
         self.chunk = max(64, config.concurrency * 4) * config.samples
         self.barren: Counter = Counter()  # passage id -> rounds whose answer gave no accepted training query
         self.ledger: JsonlAppender | None = None
+
+    def work(self, passage: dict, split: str, sample_index: int) -> _Work:
+        return _Work(passage, split, sample_index, self.prompt_index[passage["_id"]])
+
+    def count(self, work: _Work, what: str) -> None:
+        if len(self.prompts) > 1:
+            self.stats.by_prompt.setdefault(self.prompts[work.prompt].path.name, Counter())[what] += 1
 
     # --- one request --------------------------------------------------------------------------
 
@@ -196,7 +224,7 @@ class _Generation:
         """(request key, the answer or None, why there is none: "failed", "context_length" or None)."""
         config, stats, llm = self.config, self.stats, self.llm
         text = clip_passage(work.passage["text"], config.passage_tokens)
-        messages = render_messages(self.prompt, text, work.passage.get("title", ""), config.queries_per_passage, self.delimiter, self.user_queries)
+        messages = render_messages(self.prompts[work.prompt], text, work.passage.get("title", ""), config.queries_per_passage, self.delimiters[work.prompt], self.user_queries)
         key = request_key(llm.identity, messages, config.temperature, config.max_tokens, work.sample_index, config.response_format, reask)
         if key in self.answered:
             stats.calls_reused += 1
@@ -253,6 +281,7 @@ class _Generation:
 
     def reject(self, work: _Work, text: str, reason: str, key: str) -> None:
         self.stats.rejected[reason] += 1
+        self.count(work, "rejected")
         self.rejects.append({"passage_id": work.passage["_id"], "split": work.split, "text": text, "reason": reason, "request_sha": key})
 
     def launch(self, batch: list[_Work]) -> list[asyncio.Task]:
@@ -271,6 +300,8 @@ class _Generation:
         candidates = []  # (work, position, text, key) that passed the cheap filters
         for work, key, completion, queries, failure in sorted(results, key=lambda item: (item[0].passage["_id"], item[0].sample_index)):
             progress.update(1)
+            if completion is not None:
+                self.count(work, "answers")
             if failure == "context_length":
                 self.reject(work, "", "context_length_exceeded", key)  # this passage, not the stage
             if completion is None:
@@ -308,13 +339,14 @@ class _Generation:
                 continue
             fruitful.add(work.passage["_id"])
             stats.accepted[work.split] += 1
+            self.count(work, f"accepted_{work.split}")
             self.accepted.append(
                 {
                     "_id": f"{work.passage['_id']}-q{work.sample_index * config.queries_per_passage + position}",
                     "text": query,
                     "passage_id": work.passage["_id"],
                     "split": work.split,
-                    "prompt_sha": self.prompt.sha256,
+                    "prompt_sha": self.prompts[work.prompt].sha256,
                     "request_sha": key,
                 }
             )
@@ -377,7 +409,7 @@ class _Generation:
                 stats.barren_skipped += len(self.by_split["train"]) - len(asked)
                 # Sample indexes round after round (round r asks r*samples ... r*samples+samples-1):
                 # with one sample they are the round numbers, as in ledgers written before.
-                work = [_Work(p, "train", round_index * samples + offset) for p in asked for offset in range(samples)]
+                work = [self.work(p, "train", round_index * samples + offset) for p in asked for offset in range(samples)]
                 await self.in_order(self.chunks(work), _NullBar(), needed_after, chunk_done)
 
     def write_decided(self) -> None:
@@ -425,8 +457,10 @@ class _Generation:
         stats.cost_usd = cost_of(stats.usage, config)
         stats.cost_usd_reused = cost_of(stats.usage_reused, config)
         self.write_decided()
-        shutil.copyfile(self.prompt.path, out_dir / ".prompt.tmp")
-        (out_dir / ".prompt.tmp").replace(out_dir / f"prompt{self.prompt.path.suffix}")
+        for number, prompt in enumerate(self.prompts, 1):
+            name = f"prompt{prompt.path.suffix}" if len(self.prompts) == 1 else f"prompt-{number}-{prompt.path.name}"
+            shutil.copyfile(prompt.path, out_dir / ".prompt.tmp")
+            (out_dir / ".prompt.tmp").replace(out_dir / name)
         write_eval_set(out_dir / "eval", self.accepted)
         return stats.as_dict()
 
