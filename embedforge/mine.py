@@ -2,8 +2,8 @@
 
 Reads:  corpus.jsonl, generate/queries.jsonl, the base model's cached corpus embeddings.
 Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "query_id",
-        "positive_id", "known_positives", "negative_ids", "positive_score", "negative_scores"}),
-        mine/stats.json.
+        "positive_id", "known_positives", "negative_ids", "positive_score", "negative_scores",
+        "others_above_positive"}), mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
 Per query, candidates come from the rank window range_min..range_max, counted over the
@@ -14,6 +14,11 @@ positive, a test passage, a score too close to the positive (positive-aware marg
 NV-Retriever's TopK-PercPos), a near-duplicate of the positive (cosine >= duplicate_threshold),
 and, with a cross-encoder, a passage it judges relevant. A query with too few
 valid candidates keeps what it has and is counted as a shortfall: never padded.
+
+`others_above_positive` measures the corpus for the loss: the share of the other training
+positives (as a batch holds them) that the base model scores above this query's own positive.
+In a batch of B, about that share of B - 1 in-batch "negatives" are ranked above the positive:
+false negatives that GIST's screening removes and plain MNRL trains against.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
 from embedforge.text import normalize_text, record_of
 
-STAGE_VERSION = 5  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record; 5: margins from a known record's best passage
+STAGE_VERSION = 6  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record; 5: margins from a known record's best passage; 6: others_above_positive
+# Other positives each query is scored against for others_above_positive: enough for a share to
+# two decimals, few enough that a million pairs cost seconds.
+OTHERS_SAMPLE = 4096
 RULES = ("positive", "known_positive", "duplicate_text", "same_record", "test_split", "absolute_margin", "relative_margin", "max_score", "duplicate_cosine", "cross_encoder")
 KEEP = 0  # rule code of a candidate no rule dropped; rule i of RULES has code i + 1
 _CODE = {rule: number for number, rule in enumerate(RULES, start=1)}
@@ -122,6 +130,26 @@ def _drop_near_duplicates_and_judged(codes, candidates, positive, vectors, confi
     return codes
 
 
+def others_above_positive(query_vectors: np.ndarray, vectors: np.ndarray, positives: np.ndarray, seed: int, sample: int = OTHERS_SAMPLE) -> np.ndarray:
+    """Per row, the share of the other distinct training positives (at most `sample` of them,
+    drawn with `seed`) that score above the row's own positive (`positives`: corpus positions)."""
+    distinct = np.unique(positives)
+    if len(distinct) > sample:
+        distinct = np.sort(np.random.default_rng(seed).choice(distinct, size=sample, replace=False))
+    shares = np.zeros(len(positives))
+    if len(distinct) < 2:
+        return shares
+    others = vectors[distinct]
+    for start in range(0, len(positives), 1024):
+        block = slice(start, start + 1024)
+        scores = query_vectors[block] @ others.T
+        own = np.einsum("ij,ij->i", query_vectors[block], vectors[positives[block]])
+        is_own = distinct[None, :] == positives[block][:, None]
+        above = (scores > own[:, None]) & ~is_own
+        shares[block] = above.sum(axis=1) / (len(distinct) - is_own.sum(axis=1))
+    return shares
+
+
 def progress_rows(queries: list[dict]):
     return tqdm(queries, desc="mine", unit="query", disable=None if len(queries) > 1000 else True)
 
@@ -207,6 +235,10 @@ def mine(
         )
         rows.append(row)
 
+    if rows:
+        shares = others_above_positive(np.asarray(query_vectors), vectors, np.array([position[r["positive_id"]] for r in rows]), seed)
+        for row, share in zip(rows, shares):
+            row["others_above_positive"] = round(float(share), 6)
     write_jsonl(out_dir / "train.jsonl", rows)
     bins = np.linspace(-1, 1, 41)
     stats = {
@@ -214,10 +246,11 @@ def mine(
         "rows": len(rows),
         "negatives": sum(len(r["negative_ids"]) for r in rows),
         "shortfalls": shortfalls,
+        "others_above_positive": round(float(np.mean([r["others_above_positive"] for r in rows])), 6) if rows else 0.0,
         "dropped": {rule: dropped_total.get(rule, 0) for rule in RULES},
         "histogram_bins": [round(float(b), 3) for b in bins],
         "positive_score_histogram": np.histogram(positive_scores, bins=bins)[0].tolist(),
         "negative_score_histogram": np.histogram(negative_scores, bins=bins)[0].tolist(),
     }
     write_json(out_dir / "stats.json", stats)
-    return {key: stats[key] for key in ("queries", "rows", "negatives", "shortfalls", "dropped")}
+    return {key: stats[key] for key in ("queries", "rows", "negatives", "shortfalls", "others_above_positive", "dropped")}

@@ -9,7 +9,7 @@ import pytest
 
 from embedforge.embeddings import CorpusEmbeddings, IndexSpec, build_index, configure_index
 from embedforge.files import read_jsonl
-from embedforge.mine import dropped_by_rule, exclusion_codes, margin_codes, mine, weakest_record_score, window
+from embedforge.mine import dropped_by_rule, exclusion_codes, margin_codes, mine, others_above_positive, weakest_record_score, window
 
 
 def test_relative_margin_on_hand_built_scores():
@@ -196,3 +196,25 @@ def test_margins_count_from_a_known_records_best_passage_not_its_weakest(tmp_pat
     stats = mine(passages, queries, embeddings, query[None, :], tmp_path, MineConfig(num_negatives=3, relative_margin=0.05), set(), seed=0)
     assert read_jsonl(tmp_path / "train.jsonl")[0]["negative_ids"] == ["p0", "p1", "p2"]
     assert stats["shortfalls"] == 0 and stats["dropped"]["relative_margin"] == 0
+
+
+def test_others_above_positive_by_hand():
+    corpus = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    queries = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0]])
+    positives = np.array([0, 3, 1, 3])  # distinct training positives: 0, 1, 3
+    # q0: own 1.0; others 0.8 (p1), 0.0 (p3): none above. q1: own 0.8; p0 0.6, p1 0.96: one of two.
+    # q2: own 0.6; p0 0.0, p3 1.0: one of two. q3: own 1.0 (p3 is its own, even though q1 shares it): none.
+    assert others_above_positive(queries, corpus, positives, seed=0).tolist() == [0.0, 0.5, 0.5, 0.0]
+    sampled = others_above_positive(queries, corpus, positives, seed=0, sample=2)  # two of the three positives
+    assert set(sampled.tolist()) <= {0.0, 0.5, 1.0} and len(sampled) == 4
+    assert others_above_positive(queries[:1], corpus, positives[:1], seed=0).tolist() == [0.0]  # no other positive
+
+
+def test_mine_rows_and_stats_carry_others_above_positive(tmp_path):
+    corpus = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    passages = [{"_id": f"p{i}", "title": "", "text": f"passage {i}"} for i in range(4)]
+    embeddings = CorpusEmbeddings(ids=[p["_id"] for p in passages], vectors=corpus, index=build_index(corpus), key="test")
+    queries = [{"_id": f"q{i}", "text": f"query {i}", "passage_id": p, "split": "train"} for i, p in enumerate(["p0", "p3", "p1"])]
+    stats = mine(passages, queries, embeddings, np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), tmp_path, MineConfig(num_negatives=1, relative_margin=None), set(), seed=0)
+    assert [row["others_above_positive"] for row in read_jsonl(tmp_path / "train.jsonl")] == [0.0, 0.5, 0.5]
+    assert stats["others_above_positive"] == pytest.approx(1 / 3, abs=1e-6)
