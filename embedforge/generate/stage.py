@@ -164,7 +164,7 @@ class _Generation:
         self.answered = {row["request_sha"]: row for row in iter_jsonl(self.ledger_path) if not row.get("failed")} if self.ledger_path.exists() else {}
         self.stats = Stats()
         self.delimiters = [run_delimiter(seed, prompt.sha256) for prompt in prompts]
-        self.prompt_index = {p["_id"]: prompt_of(p["_id"], config.shares) if len(prompts) > 1 else 0 for p in passages}
+        self.prompt_index = {p["_id"]: prompt_of(p["_id"], config.shares) for p in passages}  # one prompt: all 0
         self.by_split: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
         for passage in passages:
             self.by_split[split_of(passage["_id"], config.dev_fraction, config.test_fraction)].append(passage)
