@@ -111,7 +111,7 @@ def test_a_local_run_continues_on_ray_with_the_same_results(tiny_model, tmp_path
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_passages())
     llm = FakeChatModel(lambda messages, call: passage_responder({"messages": messages}))
     values = dict(corpus=corpus, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, min_pairs=15, round_trip_k=0, dev_fraction=0.2,
-                  test_fraction=0.2, batch_size=4, bootstrap_resamples=100, num_negatives=2, min_steps=0)
+                  test_fraction=0.2, batch_size=4, bootstrap_resamples=100, num_negatives=2, min_steps=0, encode_backend="torch")
     runs.run(load_config(None, values), llm_factory=lambda config, seed: llm, echo=lambda line: None)
     local = read_json(tmp_path / "run" / runs.RESULTS)
 

@@ -218,7 +218,7 @@ def test_each_corpus_kind_runs_end_to_end(tmp_path, tiny_model, kind):
 
     corpus = _corpus_of_kind(kind, tmp_path / "corpus")
     config = load_config(None, dict(corpus=corpus, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, min_pairs=15, round_trip_k=0,
-                                    dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=100, num_negatives=2, min_steps=0))
+                                    dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=100, num_negatives=2, min_steps=0, encode_backend="torch"))
     lines = []
     llm = FakeChatModel(lambda messages, call: passage_responder({"messages": messages}))
     runs.run(config, llm_factory=lambda generate_config, seed: llm, echo=lines.append)

@@ -276,7 +276,7 @@ def test_standalone_cli_writes_results(beir_folder, tmp_path, tiny_model):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "EMBEDFORGE_PROGRESS": "0"}
     out = tmp_path / "out"
     command = [sys.executable, "-m", "embedforge", "evaluate", "--eval-set", str(beir_folder), "--model", tiny_model, "--out", str(out),
-               "--cache", str(tmp_path / "cache"), "--bootstrap-resamples", "200"]
+               "--cache", str(tmp_path / "cache"), "--bootstrap-resamples", "200", "--encode-backend", "torch"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -114,7 +114,7 @@ def test_full_run_with_credentials_in_the_url_and_the_environment_writes_none(tm
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     args = ["run", "--corpus", corpus, "--run", run_dir, "--cache", cache, "--base-url", url, "--llm-model", "fake-model", "--base-model", tiny_model,
             "--min-pairs", "16", "--round-trip-k", "40", "--dev-fraction", "0.2", "--test-fraction", "0.2", "--epochs", "1", "--min-steps", "0",
-            "--batch-size", "4", "--bootstrap-resamples", "200", "--num-negatives", "2"]
+            "--batch-size", "4", "--bootstrap-resamples", "200", "--num-negatives", "2", "--encode-backend", "torch"]
     result = embedforge(*args, env={"OPENAI_API_KEY": key_in_env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert fake_openai.requests and all(q.get("api-key") == [key_in_url] for q in fake_openai.queries)  # the key reached the endpoint
@@ -151,7 +151,7 @@ def _config(tmp_path, tiny_model, corpus, **changes):
     from embedforge.config import load_config
 
     values = dict(corpus=corpus, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, min_pairs=15, round_trip_k=0,
-                  dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=200, num_negatives=2, min_steps=0, epochs=2)
+                  dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=200, num_negatives=2, min_steps=0, epochs=2, encode_backend="torch")
     values.update(changes)
     return load_config(None, values)
 

@@ -198,7 +198,7 @@ def test_cli_reindex_then_search_finds_the_planted_passage(tiny_model, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     script = (
         "import sys\nfrom embedforge.cli import main\n"
-        f"sys.argv = ['embedforge', 'reindex', '--model', {tiny_model!r}, '--corpus', {str(corpus)!r}, '--out', {str(folder)!r}, '--shard-size', '16']\n"
+        f"sys.argv = ['embedforge', 'reindex', '--model', {tiny_model!r}, '--corpus', {str(corpus)!r}, '--out', {str(folder)!r}, '--shard-size', '16', '--encode-backend', 'torch']\n"
         "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
         f"sys.argv = ['embedforge', 'search', '--index', {str(folder)!r}, {PLANTED['text']!r}, '-k', '3']\n"
         "main()\n"

@@ -25,7 +25,7 @@ def test_replicas_share_the_calls_and_a_single_endpoint_reuses_every_answer(tmp_
     corpus = write_corpus(tmp_path / "corpus.jsonl", make_passages())
     with FakeOpenAI(passage_responder, latency=0.3) as first, FakeOpenAI(passage_responder, latency=0.3) as second:  # long enough that calls pile up on a busy machine
         values = dict(corpus=corpus, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, llm_model="fake-model", min_pairs=20,
-                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=20)
+                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, concurrency=20, encode_backend="torch")
         both = load_config(None, {**values, "base_url": [first.base_url, second.base_url]})
         runs.run(both, llm_factory=_llm_factory, echo=lambda line: None, to_stage="generate")
         calls = len(first.requests) + len(second.requests)

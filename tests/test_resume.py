@@ -14,7 +14,7 @@ def command(run_dir, corpus, cache, fake, tiny_model):
     return [
         sys.executable, "-m", "embedforge", "generate", "--corpus", str(corpus), "--run", str(run_dir), "--cache", str(cache),
         "--base-url", fake.base_url, "--llm-model", "fake-model", "--base-model", tiny_model, "--min-pairs", "20",
-        "--round-trip-k", "40", "--dev-fraction", "0.2", "--test-fraction", "0.2", "--concurrency", "4",
+        "--round-trip-k", "40", "--dev-fraction", "0.2", "--test-fraction", "0.2", "--concurrency", "4", "--encode-backend", "torch",
     ]
 
 

@@ -32,7 +32,7 @@ def run_config(tmp_path, tiny_model):
 
     def make(**changes):
         values = dict(corpus=corpus, prompt=prompt, run=tmp_path / "run", cache=tmp_path / "cache", base_model=tiny_model, min_pairs=15,
-                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=200, num_negatives=2, min_steps=0)
+                      round_trip_k=0, dev_fraction=0.2, test_fraction=0.2, batch_size=4, bootstrap_resamples=200, num_negatives=2, min_steps=0, encode_backend="torch")
         values.update(changes)
         return load_config(None, values)
 
