@@ -245,6 +245,12 @@ class RunConfig(_Frozen):
             raise ValueError("must not be empty")
         return value
 
+    @model_validator(mode="after")
+    def _something_to_evaluate(self) -> "RunConfig":
+        if self.generate.test_fraction == 0 and not self.evaluate.eval_set:
+            raise ValueError("test_fraction 0 leaves nothing to evaluate: pass a human-labelled --eval-set, or set --test-fraction above 0 (default 0.1)")
+        return self
+
 
 def encoder_prompts(config: RunConfig) -> dict[str, str]:
     """The prompts set for the base model, in sentence-transformers' names ("query", "document")."""

@@ -309,15 +309,19 @@ class Run:
                                  prompts=encoder_prompts(self.config), encode_backend=self.config.encode_backend)
 
     def _run_evaluate(self, plan: StagePlan) -> dict:
-        synthetic = evaluate_stage.load_beir(
-            self.path(EVAL_DIR), "test", passages=self.passages, name=evaluate_stage.SYNTHETIC_TEST,
-            source="LLM-written queries for held-out test passages of this corpus",
-        )
-        eval_sets = [synthetic] + [self._cut_as_asked(evaluate_stage.load_beir(folder)) for folder in self.config.evaluate.eval_set]
+        eval_sets, notes = [], []
+        # test_fraction 0 (allowed only with a human-labelled --eval-set) gives every passage to
+        # training and dev: there is no synthetic test split to score.
+        if self.config.generate.test_fraction > 0:
+            eval_sets.append(evaluate_stage.load_beir(
+                self.path(EVAL_DIR), "test", passages=self.passages, name=evaluate_stage.SYNTHETIC_TEST,
+                source="LLM-written queries for held-out test passages of this corpus",
+            ))
+            notes.append("synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set.")
+        eval_sets += [self._cut_as_asked(evaluate_stage.load_beir(folder)) for folder in self.config.evaluate.eval_set]
         eval_sets += [self._cut_as_asked(replace(evaluate_stage.load_beir(folder, name=f"regression:{Path(folder).name}"), role="regression"))
                       for folder in self.config.evaluate.regression_set]
         models = [("base", self.config.base_model), ("fine-tuned", str(self.path(MODEL).resolve()))]
-        notes = ["synthetic-test uses LLM-written queries, which flatter a model trained on LLM-written queries; prefer a human-labelled --eval-set."]
         train_entry = self.manifest["stages"].get("train", {})
         guard = dev_guard_note(train_entry.get("stats", {}).get("improved_on_dev"), labelled_sets=len(self.config.evaluate.eval_set))
         if guard:

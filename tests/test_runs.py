@@ -209,3 +209,19 @@ def test_merging_reruns_train_and_evaluate_and_the_report_says_which_model_it_sc
     assert "0.5 x the fine-tuned model + 0.5 x the base model" in report and "train/model-unmerged" in report
     assert (tmp_path / "run" / "train" / "model-unmerged" / "config.json").exists()
     assert ran(run_config(merge_alpha=0.5)) == []
+
+
+def test_no_synthetic_test_split_evaluates_on_the_human_labelled_set_alone(run_config, tmp_path):
+    # With a human-labelled --eval-set a user may give the synthetic test passages to training
+    # (test_fraction 0); evaluate then scores the labelled set and does not ask for a synthetic one.
+    from embedforge.files import read_json
+    from test_evaluate import write_beir
+
+    with pytest.raises(EmbedforgeError, match="test_fraction 0 leaves nothing to evaluate"):
+        run_config(test_fraction=0)
+    labelled = write_beir(tmp_path / "labelled")
+    assert ran(run_config(test_fraction=0, eval_set=[labelled])) == ["generate", "mine", "train", "evaluate"]
+    results = read_json(tmp_path / "run" / runs.RESULTS)
+    assert set(results["eval_sets"]) == {"labelled"}
+    assert set(results["eval_sets"]["labelled"]["models"]) >= {"base", "fine-tuned"}
+    assert "synthetic-test uses LLM-written queries" not in (tmp_path / "run" / runs.REPORT).read_text()
