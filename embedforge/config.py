@@ -184,7 +184,7 @@ class MineConfig(_Frozen):
 class TrainConfig(_Frozen):
     loss: Literal["auto", "gist", "mnrl"] = Field(
         "auto",
-        description="mnrl: MultipleNegativesRankingLoss; gist: the same, its in-batch negatives screened by the base model for false negatives (GISTEmbedLoss, ~2.5x slower); auto: gist when most training queries have several known positives, else mnrl",
+        description="mnrl: MultipleNegativesRankingLoss; gist: the same, its in-batch negatives screened by the base model for false negatives (GISTEmbedLoss, ~2.5x slower); auto: gist when the base model scores at least 1 of a batch's other positives above a query's own on average (mine's others_above_positive), else mnrl",
     )
     mini_batch_size: int | None = Field(None, ge=1, description="use the cached (GradCache) loss with this mini-batch: large batches in small memory")
     matryoshka_dims: tuple[int, ...] = Field((), description="also train truncated embeddings of these sizes (MatryoshkaLoss), e.g. 384,256,128,64")

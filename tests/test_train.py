@@ -5,7 +5,7 @@ import pytest
 from conftest import make_passages
 from embedforge.config import TrainConfig
 from embedforge.merging import merged_state
-from embedforge.train import MERGE_GRID, epochs_for, resolve_loss, train
+from embedforge.train import MERGE_GRID, epochs_for, masked_per_anchor, resolve_loss, train
 
 
 def rows_for(passages, shuffle=False):
@@ -81,13 +81,19 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_
     assert stats["steps"] == 14
 
 
-def test_auto_loss_is_gist_only_when_most_queries_have_several_positives():
-    one_each = [{"known_positives": 1}] * 10
-    assert resolve_loss("auto", one_each) == "mnrl"
-    assert resolve_loss("auto", one_each[:4] + [{"known_positives": 43}] * 6) == "gist"
-    assert resolve_loss("auto", one_each[:6] + [{"known_positives": 2}] * 4) == "mnrl"
-    assert resolve_loss("gist", one_each) == "gist" and resolve_loss("mnrl", [{"known_positives": 43}]) == "mnrl"
-    assert resolve_loss("auto", []) == "mnrl"
+def test_auto_loss_is_gist_only_when_the_base_model_ranks_other_positives_above_a_querys_own():
+    # others_above_positive 0.0031 at batch 32: 0.0961 per anchor (LegalSummarization's LLM pairs).
+    sparse = [{"others_above_positive": 0.0031, "known_positives": 1}] * 10
+    assert masked_per_anchor(sparse, 32) == pytest.approx(0.0961)
+    assert resolve_loss("auto", sparse, 32) == "mnrl"
+    # A dense corpus makes false in-batch negatives whoever wrote the queries (one known positive each).
+    dense = [{"others_above_positive": 0.05, "known_positives": 1}] * 10  # 1.55 per anchor at batch 32
+    assert resolve_loss("auto", dense, 32) == "gist"
+    assert resolve_loss("auto", dense, 16) == "mnrl"  # 0.75 per anchor: a smaller batch holds fewer
+    # Known positives alone no longer decide: the measurement does.
+    assert resolve_loss("auto", [{"others_above_positive": 0.0, "known_positives": 43}] * 10, 32) == "mnrl"
+    assert resolve_loss("gist", sparse, 32) == "gist" and resolve_loss("mnrl", dense, 32) == "mnrl"
+    assert resolve_loss("auto", [], 32) == "mnrl"
 
 
 def test_small_data_trains_at_least_min_steps():
