@@ -243,3 +243,22 @@ def test_the_config_offers_exactly_the_backends_there_are():
 
     # Two lists, so that backends.py stays below the config on the import graph; they must agree.
     assert typing.get_args(RunConfig.model_fields["encode_backend"].annotation) == backends.BACKENDS
+
+
+@pytest.mark.skipif(not backends.installed("openvino"), reason="openvino is not installed")
+def test_openvino_runs_in_fp32_even_where_the_cpu_has_native_bf16(tiny_model, tmp_path, monkeypatch):
+    # OpenVINO's CPU default is bf16 where the CPU has it (AVX512-BF16, AMX): all-MiniLM-L6-v2's
+    # vectors then differ from torch's by ~1e-3, and the fp32 backend was refused on such CPUs.
+    import openvino
+
+    asked = []
+    compile_model = openvino.Core.compile_model
+
+    def recording(core, model, device, config=None):
+        asked.append(dict(config or {}))
+        return compile_model(core, model, device, config or {})
+
+    monkeypatch.setattr(openvino.Core, "compile_model", recording)
+    model = load_model(tiny_model, backend="openvino", cache_dir=tmp_path)
+    assert model.encode_backend == "openvino" and asked
+    assert all(config.get("INFERENCE_PRECISION_HINT") == "f32" for config in asked)
