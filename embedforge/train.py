@@ -32,7 +32,7 @@ from embedforge.files import process_rank, replace_folder
 from embedforge.hardware import native_bfloat16
 from embedforge.merging import check_mergeable, merged_state
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query)
 DEV_METRIC = "dev_cosine_ndcg@10"
 MERGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 UNMERGED = "model-unmerged"
