@@ -45,7 +45,8 @@ logger = logging.getLogger(__name__)
 # requests failed; isolated failures are recorded and their passages asked again later.
 FAILING_WINDOW = 20
 FAILING_SHARE = 0.8
-STAGE_VERSION = 3  # 2: imported pairs are split by query, not by passage; 3: imported ids from the pair, not its line
+STAGE_VERSION = 4  # 2: imported pairs are split by query, not by passage; 3: imported ids from the pair, not its line;
+# 4: the local model's default samples_per_passage is 8 (was 4): a code default, so outside the config's fingerprint
 
 
 def in_flight(config: GenerateConfig) -> int:
