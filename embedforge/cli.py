@@ -274,7 +274,7 @@ def reindex(model: str = typer.Option(..., "--model", help="the model to embed w
 def search(query: str = typer.Argument(..., help="the query text"),
            index_dir: Path = typer.Option(..., "--index", help="a folder written by embedforge reindex"),
            k: int = typer.Option(10, "-k", "--k", min=1, help="how many passages to show"),
-           cache: Path = typer.Option(Path("cache"), "--cache", help="where an exported encoder is kept, for an index built with --encode-backend onnx-int8")) -> None:
+           cache: Path = typer.Option(Path("cache"), "--cache", help="where an exported encoder is kept, for an index built with an int8 --encode-backend")) -> None:
     """Search an index folder with the model that built it: rank, id, score and passage text."""
     from embedforge import reindex as reindexing
 

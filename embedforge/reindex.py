@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedforge.backends import check_backend, vectors_key
+from embedforge.backends import INT8, check_backend, vectors_key
 from embedforge.embeddings.cluster import RaySettings, connect, make_encoder
 from embedforge.embeddings import (IndexSpec, build_index, configure_index, encode_texts, encode_throughput, load_model, model_identity, passage_text,
                                    resolve_model)
@@ -272,8 +272,9 @@ def _backend_used(model, plan: _Plan) -> str:
     encoded), else the shard identity (which carries a backend with other vectors) or the last manifest."""
     if model is not None:
         return getattr(model, "encode_backend", "torch")
-    if plan.identity.endswith("+onnx-int8"):
-        return "onnx-int8"
+    for quantized in INT8:
+        if plan.identity.endswith(f"+{quantized}"):
+            return quantized
     return (plan.previous or {}).get("encode_backend", "torch")
 
 

@@ -1,5 +1,5 @@
 """Encoding backends: ONNX Runtime and OpenVINO give torch's vectors (or are not used), export once
-per model, and only a backend with other vectors (onnx-int8) changes cache keys."""
+per model, and only a backend with other vectors (onnx-int8, openvino-int8) changes cache keys."""
 
 import json
 
@@ -72,18 +72,21 @@ def test_auto_takes_a_backend_only_when_it_was_measured_faster(tiny_model, tmp_p
         assert load_model(tiny_model, backend="auto", cache_dir=tmp_path).encode_backend == expected
 
 
-def test_int8_changes_the_vectors_and_so_the_cache_key(tiny_model, tmp_path):
-    model = load_model(tiny_model, backend="onnx-int8", cache_dir=tmp_path)
-    assert model.encode_backend == "onnx-int8"
+@pytest.mark.parametrize("quantized", ["onnx-int8", "openvino-int8"])
+def test_int8_changes_the_vectors_and_so_the_cache_key(tiny_model, tmp_path, quantized):
+    if not backends.installed(quantized):
+        pytest.skip(f"{quantized} is not installed")
+    model = load_model(tiny_model, backend=quantized, cache_dir=tmp_path)
+    assert model.encode_backend == quantized
     difference = np.abs(vectors(model) - vectors(load_model(tiny_model))).max()
-    assert 0 < difference < 0.2  # quantized: close, not equal
+    assert backends.AGREEMENT < difference < 0.2  # quantized: close, and further than any fp32 export
     passages = [{"_id": f"p{i}", "title": "", "text": text} for i, text in enumerate(TEXTS[:5])]
     torch_key = corpus_key(tiny_model, passages, None, encode_backend="torch")
     assert corpus_key(tiny_model, passages, None, encode_backend="onnx") == torch_key == corpus_key(tiny_model, passages, None, encode_backend="auto")
-    assert corpus_key(tiny_model, passages, None, encode_backend="onnx-int8") != torch_key
-    quantized = corpus_embeddings(tiny_model, passages, tmp_path, encode_backend="onnx-int8")
+    assert corpus_key(tiny_model, passages, None, encode_backend=quantized) != torch_key
+    stored = corpus_embeddings(tiny_model, passages, tmp_path, encode_backend=quantized)
     exact = corpus_embeddings(tiny_model, passages, tmp_path, encode_backend="torch")
-    assert quantized.key != exact.key and np.abs(np.asarray(quantized.vectors) - np.asarray(exact.vectors)).max() > 0
+    assert stored.key != exact.key and np.abs(np.asarray(stored.vectors) - np.asarray(exact.vectors)).max() > 0
 
 
 def test_a_backend_that_is_not_installed_is_a_clear_error_before_any_work(tiny_model, tmp_path, monkeypatch):

@@ -184,7 +184,7 @@ class RayEncoder:
             return backend
         if vectors_key(backend):
             raise EmbedforgeError(f"--encode-backend {backend} runs on CPUs; GPU actors encode with torch, whose vectors differ", where="--encode-backend / --ray-gpus-per-actor",
-                                  fix="use --encode-backend auto (or torch) with GPU actors, or CPU actors (--ray-gpus-per-actor 0) for onnx-int8")
+                                  fix=f"use --encode-backend auto (or torch) with GPU actors, or CPU actors (--ray-gpus-per-actor 0) for {backend}")
         return "torch"  # the driver's CPU export is for CPUs
 
     def stream(self, texts: list[str], chunk_size: int, progress=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
