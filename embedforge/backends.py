@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8")
 INT8 = ("onnx-int8", "openvino-int8")  # quantized: other vectors, keyed apart, never taken by auto
+OPENVINO = ("openvino", "openvino-int8")  # exported and run by OpenVINO
 AGREEMENT = 1e-4  # largest |difference| to torch's normalized vectors for an fp32 backend
 EXPORT_VERSION = 2  # 2: OpenVINO checked at f32 (1 checked it in bf16 on CPUs that have it)
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -297,7 +298,7 @@ def _export(model, backend: str, folder: Path) -> list[str]:
         def forward(self, *tensors):
             return self.inner(**dict(zip(names, tensors))).last_hidden_state
 
-    if backend in ("openvino", "openvino-int8"):
+    if backend in OPENVINO:
         import openvino
 
         converted = openvino.convert_model(Graph(hf_model), example_input=arguments)
@@ -358,7 +359,7 @@ def load_runner(backend: str, folder: Path) -> Callable[[dict], np.ndarray]:
     import torch
 
     threads = torch.get_num_threads()  # the threads torch would have used, no more
-    if backend in ("openvino", "openvino-int8"):
+    if backend in OPENVINO:
         import openvino
 
         # OpenVINO computes in bf16 by default on CPUs with native bf16 (AVX512-BF16, AMX): vectors
