@@ -84,6 +84,21 @@ class GenerateConfig(_Frozen):
             raise ValueError("every prompt share must be above 0 (leave a prompt out instead)")
         return self
 
+    held_out_prompt: Path | None = Field(
+        None, description="prompt file for the held-out (dev and synthetic test) passages instead of --prompt: a judge written in another query style than the training queries, which training on the --prompt style flatters less"
+    )
+
+    @model_validator(mode="after")
+    def _held_out_prompt_differs(self) -> "GenerateConfig":
+        if self.held_out_prompt is not None and str(self.held_out_prompt) in set(map(str, self.prompt)):
+            raise ValueError(f"held_out_prompt {self.held_out_prompt} is also a --prompt: leave --held-out-prompt unset to judge with the training prompts")
+        return self
+
+    @property
+    def prompt_files(self) -> tuple[Path, ...]:
+        """Every prompt file the stage asks with: the training ones, then the held-out one if set."""
+        return self.prompt + ((self.held_out_prompt,) if self.held_out_prompt is not None else ())
+
     @property
     def shares(self) -> tuple[float, ...]:
         """prompt_shares normalised to sum to 1, one per prompt (equal when unset)."""
@@ -314,7 +329,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("run", "cache"):
         if key in data:
             data[key] = resolve(data[key])
-    path_keys = [("corpus", "corpus")] + [("generate", key) for key in ("prompt", "examples", "queries", "export_batch", "import_batch")]
+    path_keys = [("corpus", "corpus")] + [("generate", key) for key in ("prompt", "held_out_prompt", "examples", "queries", "export_batch", "import_batch")]
     for section, key in path_keys:
         if key in data.get(section, {}):
             value = data[section][key]

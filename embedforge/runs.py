@@ -164,7 +164,7 @@ class Run:
 
         generate = self.config.generate
         check_source(self.config.corpus.corpus)
-        for path in generate.prompt:
+        for path in generate.prompt_files:
             load_prompt(path)
         for path, flag in ((generate.examples, "--examples"), (generate.queries, "--queries")):
             if path and not Path(path).exists():
@@ -259,7 +259,7 @@ class Run:
         from embedforge.prompts import load_prompt
 
         config = self.config.generate
-        prompts = [load_prompt(path) for path in config.prompt]  # validated before any model is loaded
+        prompts = [load_prompt(path) for path in config.prompt_files]  # validated before any model is loaded
         if self.llm_factory is None:
             raise EmbedforgeError("No LLM is configured", where="generate", fix="pass --base-url, or install the local model with `make setup`")
         llm = None if config.llm_model == "none" else self.llm_factory(config, self.config.seed)
@@ -365,7 +365,7 @@ class Stage:
 
 def _generate_inputs(run: Run) -> dict[str, str]:
     config = run.config.generate
-    return run.hash_inputs([run.path(CORPUS), *config.prompt] + [path for path in (config.examples, config.queries) if path])
+    return run.hash_inputs([run.path(CORPUS), *config.prompt_files] + [path for path in (config.examples, config.queries) if path])
 
 
 def _evaluate_inputs(run: Run) -> dict[str, str]:

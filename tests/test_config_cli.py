@@ -42,6 +42,11 @@ def test_prompt_is_one_file_or_several_with_shares(tmp_path):
             load_config(None, {"prompt": [tmp_path / "a.toml", tmp_path / "b.toml"], "prompt_shares": shares})
     with pytest.raises(EmbedforgeError, match="given twice"):
         load_config(None, {"prompt": [tmp_path / "a.toml", tmp_path / "a.toml"]})
+    (tmp_path / "embedforge.toml").write_text('[generate]\nprompt = "a.toml"\nheld_out_prompt = "b.toml"\n')
+    generate = load_config(tmp_path / "embedforge.toml").generate
+    assert generate.prompt_files == ((tmp_path / "a.toml").resolve(), (tmp_path / "b.toml").resolve()) and generate.shares == (1.0,)
+    with pytest.raises(EmbedforgeError, match="also a --prompt"):
+        load_config(None, {"prompt": [tmp_path / "a.toml"], "held_out_prompt": tmp_path / "a.toml"})
 
 
 def test_unknown_keys_are_rejected(tmp_path):

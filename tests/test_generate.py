@@ -423,19 +423,26 @@ def test_keep_per_passage_needs_the_round_trip():
         GenerateConfig(keep_per_passage=2, round_trip_k=0)
 
 
-def test_several_prompts_each_ask_their_share_of_the_passages(tmp_path):
+def _two_styles():
+    """The question and keyword prompts; `answer_by_style` ends each answer with which one asked."""
     from embedforge.config import PROMPTS_DIR
-    from embedforge.generate.stage import prompt_of
 
     paths = (PROMPTS_DIR / "question.toml", PROMPTS_DIR / "keyword.toml")
-    prompts = [load_prompt(path) for path in paths]
+    return paths, [load_prompt(path) for path in paths]
 
-    def answer(messages, call):
-        words = passage_of(messages).split()
-        return f"what about {words[1]} {words[4]} " + ("terms" if "keyword search query" in messages[0]["content"] else "history")
+
+def answer_by_style(messages, call):
+    words = passage_of(messages).split()
+    return f"what about {words[1]} {words[4]} " + ("terms" if "keyword search query" in messages[0]["content"] else "history")
+
+
+def test_several_prompts_each_ask_their_share_of_the_passages(tmp_path):
+    from embedforge.generate.stage import prompt_of
+
+    paths, prompts = _two_styles()
 
     config = _config(prompt=paths, prompt_shares=(0.5, 0.5), min_pairs=1, samples_per_passage=2)
-    stats = generate(make_passages(), prompts, tmp_path, config, FakeChatModel(answer), seed=0)
+    stats = generate(make_passages(), prompts, tmp_path, config, FakeChatModel(answer_by_style), seed=0)
     queries = read_jsonl(tmp_path / "queries.jsonl")
     assert {q["split"] for q in queries} == {"train", "dev", "test"}
     for query in queries:
@@ -450,3 +457,26 @@ def test_several_prompts_each_ask_their_share_of_the_passages(tmp_path):
     ids = [f"doc{index}" for index in range(4000)]
     assert abs(sum(prompt_of(i, (0.75, 0.25)) == 0 for i in ids) / len(ids) - 0.75) < 0.03
     assert [prompt_of(i, (1.0,)) for i in ids[:50]] == [0] * 50
+
+
+def test_a_held_out_prompt_asks_every_dev_and_test_passage_and_no_training_one(tmp_path):
+    paths, prompts = _two_styles()
+
+    config = _config(prompt=paths[:1], held_out_prompt=paths[1], min_pairs=4)
+    generate(make_passages(), prompts, tmp_path / "split", config, FakeChatModel(answer_by_style), seed=0)
+    queries = read_jsonl(tmp_path / "split" / "queries.jsonl")
+    assert {q["split"] for q in queries} == {"train", "dev", "test"}
+    for query in queries:
+        held_out = query["split"] != "train"
+        assert query["prompt_sha"] == prompts[held_out].sha256 and query["text"].endswith(("history", "terms")[held_out])
+    assert (tmp_path / "split" / "prompt.toml").read_text() == paths[0].read_text()
+    assert (tmp_path / "split" / "prompt-held-out-keyword.toml").read_text() == paths[1].read_text()
+    # the training queries do not depend on the held-out prompt
+    plain = FakeChatModel(answer_by_style)
+    generate(make_passages(), prompts[:1], tmp_path / "plain", _config(prompt=paths[:1], min_pairs=4), plain, seed=0)
+    train_of = lambda folder: sorted(q["text"] for q in read_jsonl(tmp_path / folder / "queries.jsonl") if q["split"] == "train")
+    assert train_of("split") == train_of("plain")
+    with pytest.raises(ValueError, match="also a --prompt"):
+        GenerateConfig(prompt=paths, held_out_prompt=paths[1])
+    with pytest.raises(ValueError, match="2 prompts for the config's 1 prompt files"):
+        generate(make_passages(), prompts, tmp_path / "mismatch", _config(prompt=paths[:1]), FakeChatModel(answer_by_style), seed=0)

@@ -3,7 +3,8 @@
 Reads:  corpus.jsonl, the prompt file, the chat model, the base model's corpus embeddings.
 Writes: generate/requests.jsonl (append-only ledger, one line per answered LLM call),
         generate/queries.jsonl, generate/rejects.jsonl, generate/prompt.toml (with several
-        --prompt files: generate/prompt-1-NAME.toml, ...),
+        --prompt files: generate/prompt-1-NAME.toml, ...; with --held-out-prompt,
+        generate/prompt-held-out-NAME.toml too),
         generate/eval/{queries.jsonl, qrels/dev.tsv, qrels/test.tsv}.
 Keeps:  every paid answer: a call is keyed by sha256 of {model, endpoint without credentials,
         messages, sampling parameters, sample index}; a rerun (after a crash, or after a
@@ -14,6 +15,7 @@ passages in a seeded order, round after round (a new sample index is a new call)
 `min_pairs` pairs pass every filter; dev and test passages get held-out queries once.
 With several prompts, each passage is asked with one of them, by a hash of its id within
 `prompt_shares`, so which prompt a passage gets depends on neither order nor the other passages.
+A `held_out_prompt` asks every dev and test passage instead, in a style training did not see.
 Imported pairs (`queries`) join first, through the same splits and dedup.
 """
 
@@ -145,8 +147,8 @@ def generate(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         prompts = (prompts,) if isinstance(prompts, Prompt) else tuple(prompts)
-        if len(prompts) != len(config.shares):
-            raise ValueError(f"{len(prompts)} prompts for the config's {len(config.shares)} prompt files")
+        if len(prompts) != len(config.prompt_files):
+            raise ValueError(f"{len(prompts)} prompts for the config's {len(config.prompt_files)} prompt files")
         return asyncio.run(_Generation(passages, prompts, out_dir, config, llm, seed, round_trip).run())
     finally:
         if freeze:
@@ -191,7 +193,10 @@ class _Generation:
         self.ledger: JsonlAppender | None = None
 
     def work(self, passage: dict, split: str, sample_index: int) -> _Work:
-        return _Work(passage, split, sample_index, self.prompt_index[passage["_id"]])
+        # A held-out prompt, when set, is the last one: dev and test queries in another style, so
+        # that the judge is not the style the model was trained on.
+        held_out = split != "train" and self.config.held_out_prompt is not None
+        return _Work(passage, split, sample_index, len(self.prompts) - 1 if held_out else self.prompt_index[passage["_id"]])
 
     def count(self, work: _Work, what: str) -> None:
         if len(self.prompts) > 1:
@@ -458,8 +463,12 @@ class _Generation:
         stats.cost_usd = cost_of(stats.usage, config)
         stats.cost_usd_reused = cost_of(stats.usage_reused, config)
         self.write_decided()
+        trained_with = len(config.prompt)
         for number, prompt in enumerate(self.prompts, 1):
-            name = f"prompt{prompt.path.suffix}" if len(self.prompts) == 1 else f"prompt-{number}-{prompt.path.name}"
+            if number > trained_with:
+                name = f"prompt-held-out-{prompt.path.name}"
+            else:
+                name = f"prompt{prompt.path.suffix}" if trained_with == 1 else f"prompt-{number}-{prompt.path.name}"
             shutil.copyfile(prompt.path, out_dir / ".prompt.tmp")
             (out_dir / ".prompt.tmp").replace(out_dir / name)
         write_eval_set(out_dir / "eval", self.accepted)
