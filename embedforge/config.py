@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from embedforge.backends import BACKENDS
 from embedforge.errors import EmbedforgeError
 
 # Prompts are plain files at the repository root; the wheel carries them inside the package.
@@ -237,7 +236,7 @@ class RunConfig(_Frozen):
     base_model: str = DEFAULT_BASE_MODEL
     seed: int = 0
     encode_batch_size: int = Field(64, ge=1, description="most texts per encoding batch; on a CPU, long texts go in smaller batches (about 2,048 tokens each)")
-    encode_backend: Literal[BACKENDS] = Field(
+    encode_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = Field(
         "auto", description="what runs the encoder for corpus and query vectors: auto = the fastest installed backend whose vectors agree with torch's (checked once per model), torch on a GPU; onnx-int8 / openvino-int8 = quantized (other vectors, so other caches)"
     )
     engine: Literal["local", "ray"] = Field("local", description="where corpus encodings run (the base model's corpus cache, the evaluations, reindex): this machine, or a Ray cluster through ray.data; same vectors either way")
