@@ -236,6 +236,8 @@ class RunConfig(_Frozen):
     base_model: str = DEFAULT_BASE_MODEL
     seed: int = 0
     encode_batch_size: int = Field(64, ge=1, description="most texts per encoding batch; on a CPU, long texts go in smaller batches (about 2,048 tokens each)")
+    # backends.BACKENDS written out: importing it would lift the config, and every stage, a level
+    # (tests/test_architecture.py); tests/test_backends.py holds the two lists equal.
     encode_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-int8"] = Field(
         "auto", description="what runs the encoder for corpus and query vectors: auto = the fastest installed backend whose vectors agree with torch's (checked once per model), torch on a GPU; onnx-int8 / openvino-int8 = quantized (other vectors, so other caches)"
     )
