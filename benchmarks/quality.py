@@ -15,8 +15,13 @@ unchanged, e.g. `-- --num-negatives 1 --epochs 2`.
 
     python benchmarks/quality.py ../shared/data/nfcorpus --queries-from human
 
+`--versus RUN` also prints this run's fine-tuned model against RUN's, paired over the same
+human-labelled test queries (RUN: another quality.py run directory on the same dataset): what
+one setting changed, with the CI of the paired difference, not two CIs against the base model.
+
 Default size: the whole dataset (nfcorpus: 3,633 passages, 323 test queries), the pipeline's defaults.
-Ends with `RESULT base_ndcg10=... tuned_ndcg10=... delta=... ` with the CI of the difference.
+Ends with `RESULT base_ndcg10=... tuned_ndcg10=... delta=... ` with the CI of the difference (and the
+`versus_...` figures with `--versus`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from embedforge.corpus import read_qrels
+from embedforge.evaluate.metrics import paired_bootstrap, randomization_p_value
 from embedforge.files import iter_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +89,42 @@ def main() -> int:
     if completed.returncode != 0:
         print(f"embedforge run failed (exit {completed.returncode}) after {wall:.0f}s")
         return completed.returncode
-    return report(run, dataset.name, wall)
+    result = report(run, dataset.name, wall)
+    if arguments.versus:
+        paired = versus(run, arguments.versus.resolve(), dataset.name)
+        if paired is None:
+            return 2
+        result += " " + paired
+    print(f"RESULT {result}")
+    return 0
 
 
-def report(run: Path, eval_set: str, wall: float) -> int:
+def versus(run: Path, other: Path, eval_set: str, metric: str = "ndcg@10") -> str | None:
+    """This run's fine-tuned model against `other`'s, per query over the same test queries."""
+    per_query = []
+    for folder in (run, other):
+        results = folder / "evaluate" / "results.json"
+        if not results.exists():
+            print(f"--versus: {results} does not exist; run quality.py for {folder} first")
+            return None
+        models = json.loads(results.read_text())["eval_sets"].get(eval_set, {}).get("models", {})
+        if "fine-tuned" not in models:
+            print(f"--versus: {results} has no fine-tuned model on {eval_set}")
+            return None
+        per_query.append(models["fine-tuned"]["per_query"][metric])
+    shared = [query for query in per_query[0] if query in per_query[1]]  # the evaluate stage's order, so the same resamples
+    if not shared or len(shared) != len(per_query[0]):
+        print(f"--versus: the two runs scored different {eval_set} queries ({len(per_query[0])} and {len(per_query[1])}, {len(shared)} shared)")
+        return None
+    differences = np.array([per_query[0][query] - per_query[1][query] for query in shared])
+    low, high = paired_bootstrap(differences)
+    p_value = randomization_p_value(differences)
+    print(f"versus {other}: fine-tuned {metric} {differences.mean():+.4f} [{low:+.4f}, {high:+.4f}], p={p_value:.3g}, over {len(shared)} queries")
+    return f"versus_delta={differences.mean():+.4f} versus_ci_low={low:+.4f} versus_ci_high={high:+.4f} versus_p={p_value:.4f}"
+
+
+def report(run: Path, eval_set: str, wall: float) -> str:
+    """Print the base vs fine-tuned table; return the RESULT line's figures."""
     results = json.loads((run / "evaluate" / "results.json").read_text())
     models = results["eval_sets"][eval_set]["models"]
     base, tuned = models["base"], models["fine-tuned"]
@@ -94,17 +134,14 @@ def report(run: Path, eval_set: str, wall: float) -> int:
     print(f"training pairs {train.get('pairs')}, steps {train.get('steps')}, dev NDCG@10 {train.get('base_dev_ndcg@10')} -> {train.get('tuned_dev_ndcg@10')}")
     print(f"{'metric':12} {'base':>8} {'tuned':>8} {'delta':>8}  95% CI of delta      verdict")
     for metric in SHOWN:
-        versus = tuned["versus_reference"][metric]
-        low, high = versus["ci95"]
-        print(f"{metric:12} {base['scores'][metric]:8.4f} {tuned['scores'][metric]:8.4f} {versus['delta']:+8.4f}  [{low:+.4f}, {high:+.4f}]  {versus['verdict']}")
+        against = tuned["versus_reference"][metric]
+        low, high = against["ci95"]
+        print(f"{metric:12} {base['scores'][metric]:8.4f} {tuned['scores'][metric]:8.4f} {against['delta']:+8.4f}  [{low:+.4f}, {high:+.4f}]  {against['verdict']}")
     if "bm25" in models:
         print(f"{'bm25 ndcg@10':12} {models['bm25']['scores']['ndcg@10']:8.4f}")
-    versus = tuned["versus_reference"]["ndcg@10"]
-    print(
-        f"RESULT base_ndcg10={base['scores']['ndcg@10']:.4f} tuned_ndcg10={tuned['scores']['ndcg@10']:.4f} delta={versus['delta']:+.4f} "
-        f"ci_low={versus['ci95'][0]:+.4f} ci_high={versus['ci95'][1]:+.4f}"
-    )
-    return 0
+    against = tuned["versus_reference"]["ndcg@10"]
+    return (f"base_ndcg10={base['scores']['ndcg@10']:.4f} tuned_ndcg10={tuned['scores']['ndcg@10']:.4f} delta={against['delta']:+.4f} "
+            f"ci_low={against['ci95'][0]:+.4f} ci_high={against['ci95'][1]:+.4f}")
 
 
 def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -115,6 +152,7 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-positives-per-query", type=int, default=2,
                         help="human: train on at most this many relevant passages per query (NFCorpus has ~43; the rest stay known positives)")
     parser.add_argument("--run", type=Path, default=None, help="run directory (default: runs/quality/<dataset>-<source>-<settings hash>)")
+    parser.add_argument("--versus", type=Path, default=None, help="another run directory on this dataset: print the paired difference of the two fine-tuned models")
     parser.add_argument("--cache", type=Path, default=ROOT / "cache", help="embedding cache, shared between runs")
     return parser.parse_args(own), extra
 
