@@ -35,10 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from embedforge.corpus import read_qrels
-from embedforge.evaluate.metrics import paired_bootstrap, randomization_p_value
+from embedforge.evaluate import versus_reference
 from embedforge.files import iter_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +97,9 @@ def main() -> int:
     return 0
 
 
-def versus(run: Path, other: Path, eval_set: str, metric: str = "ndcg@10") -> str | None:
-    """This run's fine-tuned model against `other`'s, per query over the same test queries."""
+def versus(run: Path, other: Path, eval_set: str) -> str | None:
+    """This run's fine-tuned model against `other`'s, paired over the same test queries (the
+    evaluate stage's own comparison, with `other` as the reference)."""
     per_query = []
     for folder in (run, other):
         results = folder / "evaluate" / "results.json"
@@ -111,16 +110,15 @@ def versus(run: Path, other: Path, eval_set: str, metric: str = "ndcg@10") -> st
         if "fine-tuned" not in models:
             print(f"--versus: {results} has no fine-tuned model on {eval_set}")
             return None
-        per_query.append(models["fine-tuned"]["per_query"][metric])
-    shared = [query for query in per_query[0] if query in per_query[1]]  # the evaluate stage's order, so the same resamples
-    if not shared or len(shared) != len(per_query[0]):
-        print(f"--versus: the two runs scored different {eval_set} queries ({len(per_query[0])} and {len(per_query[1])}, {len(shared)} shared)")
+        per_query.append(models["fine-tuned"]["per_query"])
+    ours, theirs = (set(scores["ndcg@10"]) for scores in per_query)
+    if ours != theirs:
+        print(f"--versus: the two runs scored different {eval_set} queries ({len(ours)} and {len(theirs)}, {len(ours & theirs)} shared)")
         return None
-    differences = np.array([per_query[0][query] - per_query[1][query] for query in shared])
-    low, high = paired_bootstrap(differences)
-    p_value = randomization_p_value(differences)
-    print(f"versus {other}: fine-tuned {metric} {differences.mean():+.4f} [{low:+.4f}, {high:+.4f}], p={p_value:.3g}, over {len(shared)} queries")
-    return f"versus_delta={differences.mean():+.4f} versus_ci_low={low:+.4f} versus_ci_high={high:+.4f} versus_p={p_value:.4f}"
+    against = versus_reference({"binary": per_query[1]}, {"binary": per_query[0]}, resamples=10_000, seed=0)["ndcg@10"]
+    low, high = against["ci95"]
+    print(f"versus {other}: fine-tuned ndcg@10 {against['delta']:+.4f} [{low:+.4f}, {high:+.4f}], p={against['p_value']:.3g}, {against['verdict']}, over {len(ours)} queries")
+    return f"versus_delta={against['delta']:+.4f} versus_ci_low={low:+.4f} versus_ci_high={high:+.4f} versus_p={against['p_value']:.4f}"
 
 
 def report(run: Path, eval_set: str, wall: float) -> str:
