@@ -2,7 +2,7 @@
 
 Reads:  corpus.jsonl, generate/queries.jsonl, the base model's cached corpus embeddings.
 Writes: mine/train.jsonl ({"anchor", "positive", "negative_1".."negative_k", "query_id",
-        "positive_id", "known_positives", "negative_ids", "positive_score", "negative_scores",
+        "positive_id", "known_positives", "known_positive_ids", "negative_ids", "positive_score", "negative_scores",
         "others_above_positive"}), mine/stats.json.
 Keeps:  nothing beyond the shared embedding cache.
 
@@ -35,7 +35,7 @@ from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
 from embedforge.text import normalize_text, record_of
 
-STAGE_VERSION = 6  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record; 5: margins from a known record's best passage; 6: others_above_positive
+STAGE_VERSION = 7  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record; 5: margins from a known record's best passage; 6: others_above_positive; 7: known_positive_ids
 # Other positives each query is scored against for others_above_positive: enough for a share to
 # two decimals, few enough that a million pairs cost seconds.
 OTHERS_SAMPLE = 4096
@@ -229,6 +229,7 @@ def mine(
             query_id=query["_id"],
             positive_id=query["passage_id"],
             known_positives=len(known),
+            known_positive_ids=sorted(positives_of_text[normalized[row_number]]),  # train keeps them out of each other's batches
             negative_ids=negative_ids,
             positive_score=round(positive_score, 6),
             negative_scores=[round(float(candidate_scores[i]), 6) for i in negatives],

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from embedforge.config import TrainConfig
@@ -32,7 +33,7 @@ from embedforge.files import process_rank, replace_folder
 from embedforge.hardware import native_bfloat16
 from embedforge.merging import check_mergeable, merged_state
 
-STAGE_VERSION = 2  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query)
+STAGE_VERSION = 3  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query); 3: no known positive of an anchor among its in-batch negatives
 DEV_METRIC = "dev_cosine_ndcg@10"
 MERGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 UNMERGED = "model-unmerged"
@@ -175,6 +176,8 @@ def train(
 ) -> dict:
     import torch
     from sentence_transformers.base.sampler import BatchSamplers
+
+    from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -190,6 +193,10 @@ def train(
     base_dev = evaluator(model).get(DEV_METRIC) if evaluator else None
 
     datasets = training_datasets(rows)
+    known_positives = known_positive_texts(rows, {p["_id"]: passage_text(p) for p in passages})
+    # Only where the labels know more positives than the rows train on (imported queries): elsewhere
+    # the two samplers keep the same batches apart, and the plain one keeps earlier runs' batches.
+    batch_sampler = partial(KnownPositivesBatchSampler, known_positives=known_positives) if known_positives else BatchSamplers.NO_DUPLICATES
     loss_name = resolve_loss(config.loss, rows, config.batch_size)
     epochs = epochs_for(config, len(rows))
     logger.info("training loss: %s, %d epoch(s)", loss_name, epochs)
@@ -202,7 +209,7 @@ def train(
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio (transformers 5 retired warmup_ratio)
-        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate in the batch is a false in-batch negative
+        batch_sampler=batch_sampler,  # a duplicate, or a known positive of another anchor, is a false in-batch negative
         seed=seed,
         # accelerate sets up multi-CPU DDP only when told the run is on CPU (gloo); on GPUs it picks NCCL.
         # (and transformers takes bf16 on a CPU only when told so).
@@ -272,6 +279,7 @@ def train(
         "pairs": len(rows),
         "loss": loss_name,
         "masked_per_anchor": round(masked_per_anchor(rows, config.batch_size), 4),  # what --loss auto decided by
+        "batch_sampler": "known-positives" if known_positives else "no-duplicates",
         "epochs": epochs,
         "steps": int(result.global_step),
         "train_loss": round(float(result.training_loss), 6),

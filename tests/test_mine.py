@@ -116,6 +116,7 @@ def test_known_only_positives_get_no_row_and_are_never_negatives(tmp_path):
     assert set(rows[0]["negative_ids"]) == {"p3", "p4", "p5"}
     assert stats["dropped"]["known_positive"] == 2
     assert rows[0]["known_positives"] == 3  # the trained one and the two known only: what the auto loss reads
+    assert rows[0]["known_positive_ids"] == ["p0", "p1", "p2"]  # what train keeps out of other anchors' batches
 
 
 class JudgeEverythingAbout:

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import make_passages
 from embedforge.config import TrainConfig
+from embedforge.embeddings import passage_text
 from embedforge.merging import merged_state
 from embedforge.train import MERGE_GRID, epochs_for, masked_per_anchor, resolve_loss, train
 
@@ -149,3 +150,37 @@ def test_merge_alpha_auto_keeps_the_best_alpha_on_dev_and_the_unmerged_model(tmp
     # Without merging, an older run's unmerged model does not stay next to a model it is not.
     train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0)
     assert not (tmp_path / "model-unmerged").exists()
+
+
+def test_imported_queries_with_several_known_positives_train_without_them_in_each_others_batches(tmp_path, tiny_model, monkeypatch):
+    from embedforge.batching import KnownPositivesBatchSampler
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    # Topics of three passages: each query knows all three relevant and trains on one of them.
+    rows = [{"anchor": f"what about {p['title']} and its kin", "positive": passage_text(p), "negative_ids": [], "positive_id": p["_id"],
+             "known_positive_ids": [q["_id"] for q in passages[index - index % 3:index - index % 3 + 3]]}
+            for index, p in enumerate(passages[:24])]
+    batches = []
+    plain_iter = KnownPositivesBatchSampler.__iter__
+
+    def recording_iter(self):
+        for batch in plain_iter(self):
+            batches.append([self.texts[i] for i in batch])
+            yield batch
+
+    monkeypatch.setattr(KnownPositivesBatchSampler, "__iter__", recording_iter)
+    stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0)
+    assert stats["batch_sampler"] == "known-positives" and batches
+    topic_of = {passage_text(p): index // 3 for index, p in enumerate(passages[:24])}
+    for batch in batches:
+        topics = [topic_of[text] for texts in batch for text in texts if text in topic_of]
+        assert len(topics) == len(set(topics)), "a known positive of one anchor was another anchor's in-batch negative"
+
+
+def test_generated_queries_keep_the_plain_no_duplicates_batches(tmp_path, tiny_model):
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    rows = [dict(row, known_positive_ids=[row["positive_id"]]) for row in rows_for(passages)]
+    stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0)
+    assert stats["batch_sampler"] == "no-duplicates"

@@ -1,0 +1,76 @@
+"""The batch sampler that keeps an anchor's known positives out of its in-batch negatives."""
+
+import pytest
+from datasets import Dataset
+
+from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts
+
+
+def rows_of_topics(topics: int, per_topic: int) -> list[dict]:
+    """Queries in topics: every passage of a topic is relevant to every query of it (as nfcorpus's
+    topics are), each row trains on its own passage."""
+    return [{"anchor": f"query {t}.{q}", "positive": f"passage {t}.{q}", "positive_id": f"p{t}.{q}",
+             "known_positive_ids": [f"p{t}.{other}" for other in range(per_topic)]}
+            for t in range(topics) for q in range(per_topic)]
+
+
+def sampler_for(rows, batch_size=8, drop_last=False, seed=0, known=None):
+    import torch
+
+    dataset = Dataset.from_list([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
+    text_of = {r["positive_id"]: r["positive"] for r in rows}
+    known = known_positive_texts(rows, text_of) if known is None else known
+    return KnownPositivesBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, generator=torch.Generator(), seed=seed, known_positives=known), dataset
+
+
+def topic(text: str) -> str:
+    return text.split()[1].split(".")[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_batch_holds_a_known_positive_of_another_anchor_and_every_row_comes_once(seed):
+    rows = rows_of_topics(topics=12, per_topic=3)
+    sampler, dataset = sampler_for(rows, seed=seed)
+    batches = list(sampler)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(rows)))
+    for batch in batches:
+        topics = [topic(dataset[index]["anchor"]) for index in batch]
+        assert len(topics) == len(set(topics)), f"two queries of one topic in a batch: {topics}"
+    assert len(batches[0]) == 8  # 12 topics: the first batches fill up
+
+
+def test_a_plain_random_batch_would_hold_them():
+    """The rule has something to do: the same rows in shuffled batches of 8 put two queries of a topic together."""
+    import random
+
+    rows = rows_of_topics(topics=12, per_topic=3)
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    batches = [order[start:start + 8] for start in range(0, len(order), 8)]
+    assert any(len({topic(rows[i]["anchor"]) for i in batch}) < len(batch) for batch in batches)
+
+
+def test_without_extra_known_positives_nothing_is_forbidden_and_batches_stay_full():
+    rows = rows_of_topics(topics=24, per_topic=1)
+    assert known_positive_texts(rows, {r["positive_id"]: r["positive"] for r in rows}) == {}
+    sampler, _ = sampler_for(rows, known={})
+    assert [len(batch) for batch in sampler] == [8, 8, 8] and len(sampler) == 3
+
+
+def test_duplicate_texts_never_share_a_batch_and_drop_last_drops_the_short_tail():
+    rows = [{"anchor": "same query", "positive": f"passage {i}", "positive_id": f"p{i}", "known_positive_ids": [f"p{i}"]} for i in range(3)]
+    rows += [{"anchor": f"query {i}", "positive": f"other {i}", "positive_id": f"o{i}", "known_positive_ids": [f"o{i}"]} for i in range(5)]
+    sampler, dataset = sampler_for(rows, batch_size=4, drop_last=True)
+    batches = list(sampler)
+    assert len(sampler) == 2 and all(len(batch) == 4 for batch in batches)
+    for batch in batches:
+        assert sum(dataset[index]["anchor"] == "same query" for index in batch) <= 1
+
+
+def test_each_epoch_draws_other_batches_and_the_same_seed_the_same_ones():
+    rows = rows_of_topics(topics=12, per_topic=3)
+    sampler, _ = sampler_for(rows)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
