@@ -29,9 +29,12 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
                  seed: int = 0, *, known_positives: Mapping[str, frozenset[str]]) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns, generator=generator, seed=seed)
-        columns = [column for column in dataset.column_names if column not in TEXT_COLUMNS_EXCLUDED]
-        self.texts = [frozenset(str(row[column]) for column in columns) for row in dataset]
-        self.forbidden = [known_positives.get(row["anchor"], frozenset()) - texts for row, texts in zip(dataset, self.texts)]
+        columns = [list(dataset[column]) for column in dataset.column_names if column not in TEXT_COLUMNS_EXCLUDED]
+        self.texts = [frozenset(map(str, values)) for values in zip(*columns)]
+        # An anchor's own positive is in its known set too; it can only meet itself in a batch as a
+        # duplicate text, which is refused anyway. So the sets are shared per anchor, not copied per row.
+        nothing: frozenset[str] = frozenset()
+        self.forbidden = [known_positives.get(anchor, nothing) for anchor in dataset["anchor"]]
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.generator is not None and self.seed is not None:
