@@ -74,3 +74,17 @@ def test_each_epoch_draws_other_batches_and_the_same_seed_the_same_ones():
     assert list(sampler) == first
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_under_torchrun_each_process_takes_its_share_of_the_batches():
+    """accelerate shards a batch sampler across processes (as the Trainer does under torchrun);
+    between them the two shards hold every row, and each shard's batches keep the rule."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    rows = rows_of_topics(topics=12, per_topic=3)
+    sampler, dataset = sampler_for(rows)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank, even_batches=False)) for rank in (0, 1)]
+    assert sorted(index for shard in shards for batch in shard for index in batch) == list(range(len(rows)))
+    for batch in (batch for shard in shards for batch in shard):
+        topics = [topic(dataset[index]["anchor"]) for index in batch]
+        assert len(topics) == len(set(topics))
