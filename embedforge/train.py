@@ -176,10 +176,10 @@ def train(
 ) -> dict:
     import torch
     from sentence_transformers.base.sampler import BatchSamplers
-
-    from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
+
+    from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts  # imports torch and sentence-transformers
 
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
