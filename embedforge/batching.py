@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
-TEXT_COLUMNS_EXCLUDED = {"dataset_name", "label", "score"}
+from embedforge.text import passage_text
 
 
 class KnownPositivesBatchSampler(DefaultBatchSampler):
@@ -29,7 +29,9 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
                  seed: int = 0, *, known_positives: Mapping[str, frozenset[str]]) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns, generator=generator, seed=seed)
-        columns = [list(dataset[column]) for column in dataset.column_names if column not in TEXT_COLUMNS_EXCLUDED]
+        # Not texts the loss compares: the trainer's dataset-name column and the label columns it names.
+        excluded = {"dataset_name", *(valid_label_columns or ())}
+        columns = [list(dataset[column]) for column in dataset.column_names if column not in excluded]
         self.texts = [frozenset(map(str, values)) for values in zip(*columns)]
         # An anchor's own positive is in its known set too; it can only meet itself in a batch as a
         # duplicate text, which is refused anyway. So the sets are shared per anchor, not copied per row.
@@ -63,12 +65,18 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
 
 
-def known_positive_texts(rows: list[dict], text_of: Mapping[str, str]) -> dict[str, frozenset[str]]:
+def known_positive_texts(rows: list[dict], passages: list[dict]) -> dict[str, frozenset[str]]:
     """Anchor text -> the texts of its known positives, from mine rows' `known_positive_ids`.
-    Only anchors with a known positive besides their rows' own are kept: the others cannot conflict."""
+    Only anchors with a known positive besides their rows' own are kept: the others cannot conflict,
+    and only those passages' texts are built (none for generated queries, one positive each)."""
     known: dict[str, set[str]] = {}
     trained: dict[str, set[str]] = {}
     for row in rows:
         known.setdefault(row["anchor"], set()).update(row.get("known_positive_ids", ()))
         trained.setdefault(row["anchor"], set()).add(row["positive_id"])
-    return {anchor: frozenset(text_of[identifier] for identifier in ids) for anchor, ids in known.items() if ids - trained[anchor]}
+    kept = {anchor: ids for anchor, ids in known.items() if ids - trained[anchor]}
+    if not kept:
+        return {}
+    needed = set().union(*kept.values())
+    text_of = {p["_id"]: passage_text(p) for p in passages if p["_id"] in needed}
+    return {anchor: frozenset(text_of[identifier] for identifier in ids) for anchor, ids in kept.items()}

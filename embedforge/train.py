@@ -193,7 +193,7 @@ def train(
     base_dev = evaluator(model).get(DEV_METRIC) if evaluator else None
 
     datasets = training_datasets(rows)
-    known_positives = known_positive_texts(rows, {p["_id"]: passage_text(p) for p in passages})
+    known_positives = known_positive_texts(rows, passages)
     # Only where the labels know more positives than the rows train on (imported queries): elsewhere
     # the two samplers keep the same batches apart, and the plain one keeps earlier runs' batches.
     batch_sampler = partial(KnownPositivesBatchSampler, known_positives=known_positives) if known_positives else BatchSamplers.NO_DUPLICATES

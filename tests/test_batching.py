@@ -18,9 +18,12 @@ def sampler_for(rows, batch_size=8, drop_last=False, seed=0, known=None):
     import torch
 
     dataset = Dataset.from_list([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
-    text_of = {r["positive_id"]: r["positive"] for r in rows}
-    known = known_positive_texts(rows, text_of) if known is None else known
+    known = known_positive_texts(rows, passages_of(rows)) if known is None else known
     return KnownPositivesBatchSampler(dataset, batch_size=batch_size, drop_last=drop_last, generator=torch.Generator(), seed=seed, known_positives=known), dataset
+
+
+def passages_of(rows: list[dict]) -> list[dict]:
+    return [{"_id": r["positive_id"], "title": "", "text": r["positive"]} for r in rows]
 
 
 def topic(text: str) -> str:
@@ -52,7 +55,7 @@ def test_a_plain_random_batch_would_hold_them():
 
 def test_without_extra_known_positives_nothing_is_forbidden_and_batches_stay_full():
     rows = rows_of_topics(topics=24, per_topic=1)
-    assert known_positive_texts(rows, {r["positive_id"]: r["positive"] for r in rows}) == {}
+    assert known_positive_texts(rows, passages_of(rows)) == {}
     sampler, _ = sampler_for(rows, known={})
     assert [len(batch) for batch in sampler] == [8, 8, 8] and len(sampler) == 3
 
