@@ -193,10 +193,6 @@ class MineConfig(_Frozen):
     range_max: int = Field(50, ge=1)
     relative_margin: float | None = Field(0.05, ge=0, lt=1)
     absolute_margin: float | None = None
-    margin_from: Literal["weakest_known", "positive"] = Field(
-        "weakest_known",
-        description="where the margins count from when a query has several known positives: weakest_known (candidates near any of them are dropped) or positive (the row's own; known positives are still never negatives)",
-    )
     max_score: float | None = None
     duplicate_threshold: float = Field(0.98, gt=0, le=1)
     sampling: Literal["top", "random"] = "top"

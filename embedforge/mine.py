@@ -203,11 +203,9 @@ def mine(
         positive = position[query["passage_id"]]
         positive_score = float(np.dot(query_vectors[row_number], vectors[positive]))
         # Margins count from the weakest known positive of this query text: anything scoring near
-        # any known positive is likely a false negative. With dozens of labelled positives the
-        # weakest sits so low that few candidates survive (nfcorpus human: 844 of 4,075 rows kept
-        # negatives); `positive` trusts the labels for the known ones and counts from the row's own.
+        # any known positive is likely a false negative.
         known = known_positions[normalized[row_number]]
-        if len(known) == 1 or config.margin_from == "positive":
+        if len(known) == 1:
             margin_reference = positive_score
         else:
             if normalized[row_number] not in weakest_positive:

@@ -199,28 +199,6 @@ def test_margins_count_from_a_known_records_best_passage_not_its_weakest(tmp_pat
     assert stats["shortfalls"] == 0 and stats["dropped"]["relative_margin"] == 0
 
 
-def test_margin_from_the_rows_positive_keeps_candidates_above_the_weakest_known_positive(tmp_path):
-    # The query has three known positives scoring 0.9 (trained on), 0.8 and 0.3; candidates score
-    # 0.7 to 0.4. From the weakest (0.3) every candidate is too close; from the row's own positive
-    # (0.9) all of them stay, and the other known positives are still never negatives.
-    ids = ["pos", "known", "weak", "n7", "n6", "n5", "n4"]
-    scores = [0.9, 0.8, 0.3, 0.7, 0.6, 0.5, 0.4]
-    query = np.zeros(8, dtype=np.float32)
-    query[0] = 1.0
-    matrix = np.stack([_unit([score, np.sqrt(1 - score**2)] + [0] * 6) for score in scores])
-    passages = [{"_id": identifier, "title": "", "text": f"text {identifier}"} for identifier in ids]
-    embeddings = CorpusEmbeddings(ids=ids, vectors=matrix, index=build_index(matrix), key="k")
-    queries = [{"_id": "q", "text": "the query", "passage_id": "pos", "split": "train"},
-               {"_id": "q-1", "text": "the query", "passage_id": "known", "split": "train", "known_only": True},
-               {"_id": "q-2", "text": "the query", "passage_id": "weak", "split": "train", "known_only": True}]
-    weakest = mine(passages, queries, embeddings, query[None, :], tmp_path / "weakest", MineConfig(num_negatives=3), set(), seed=0)
-    assert read_jsonl(tmp_path / "weakest" / "train.jsonl")[0]["negative_ids"] == []
-    assert weakest["shortfalls"] == 1 and weakest["dropped"]["relative_margin"] == 4
-    own = mine(passages, queries, embeddings, query[None, :], tmp_path / "own", MineConfig(num_negatives=3, margin_from="positive"), set(), seed=0)
-    assert read_jsonl(tmp_path / "own" / "train.jsonl")[0]["negative_ids"] == ["n7", "n6", "n5"]
-    assert own["shortfalls"] == 0 and own["dropped"]["known_positive"] == 2
-
-
 def test_others_above_positive_by_hand():
     corpus = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
     queries = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0]])
