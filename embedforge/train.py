@@ -149,6 +149,9 @@ def make_loss(model, config: TrainConfig, base_model: str, loss_name: str, distr
     if loss_name == "gist":
         # The cached variant: the plain GISTEmbedLoss takes at most one hard negative per row, and
         # rows carry up to num_negatives. Without --mini-batch-size, the whole batch is one mini-batch.
+        # Its defaults measured (nfcorpus, human queries, benchmarks/README): without the
+        # positive-positive terms -0.0136 NDCG@10, without the query-query terms -0.0040,
+        # temperature 0.05 or 0.005 instead of 0.01 about -0.004 each.
         guide = load_model(base_model, max_seq_length=config.max_seq_length, prompts=prompts)
         loss = losses.CachedGISTEmbedLoss(model, guide=guide, mini_batch_size=config.mini_batch_size or config.batch_size, **options)
     elif config.mini_batch_size:
