@@ -9,7 +9,6 @@ in front of 35% of the anchors at least one (measured on mine/train.jsonl of a 2
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -37,11 +36,29 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         # duplicate text, which is refused anyway. So the sets are shared per anchor, not copied per row.
         nothing: frozenset[str] = frozenset()
         self.forbidden = [known_positives.get(anchor, nothing) for anchor in dataset["anchor"]]
+        self._batches_of: tuple[tuple, list[list[int]]] = ((None, None), [])
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.generator is not None and self.seed is not None:
-            self.generator.manual_seed(self.seed + self.epoch)
-        remaining = torch.randperm(len(self.texts), generator=self.generator).tolist()
+        yield from self._epoch_batches()
+
+    def __len__(self) -> int:
+        # The exact count: the trainer's multi-dataset sampler draws only len() batches from each
+        # sampler, so an estimate of rows / batch_size would leave the rows of the extra, smaller
+        # batches that conflicts make out of the epoch without a word.
+        return len(self._epoch_batches())
+
+    def _epoch_batches(self) -> list[list[int]]:
+        """This epoch's batches, worked out once: the same for the same seed and epoch."""
+        key = (self.seed, self.epoch)
+        if self._batches_of[0] != key:
+            # A generator of its own, seeded as the shared one would be: len() must not draw from the
+            # trainer's generator, and the batches stay those that sampler would have drawn.
+            generator = torch.Generator().manual_seed((self.seed or 0) + self.epoch)
+            self._batches_of = (key, self._partition(torch.randperm(len(self.texts), generator=generator).tolist()))
+        return self._batches_of[1]
+
+    def _partition(self, remaining: list[int]) -> list[list[int]]:
+        batches = []
         while remaining:
             batch, texts, forbidden, deferred = [], set(), set(), []
             for position, index in enumerate(remaining):
@@ -56,13 +73,10 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
                 texts |= own
                 forbidden |= known
             if len(batch) < self.batch_size and self.drop_last:
-                return
-            yield batch
+                break
+            batches.append(batch)
             remaining = deferred
-
-    def __len__(self) -> int:
-        rows = len(self.texts)
-        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+        return batches
 
 
 def known_positive_texts(rows: list[dict], passages: list[dict]) -> dict[str, frozenset[str]]:

@@ -65,7 +65,8 @@ def test_duplicate_texts_never_share_a_batch_and_drop_last_drops_the_short_tail(
     rows += [{"anchor": f"query {i}", "positive": f"other {i}", "positive_id": f"o{i}", "known_positive_ids": [f"o{i}"]} for i in range(5)]
     sampler, dataset = sampler_for(rows, batch_size=4, drop_last=True)
     batches = list(sampler)
-    assert len(sampler) == 2 and all(len(batch) == 4 for batch in batches)
+    # Three rows of one query in 8: the second batch can hold only 3 others, so it is the short tail.
+    assert len(sampler) == len(batches) == 1 and all(len(batch) == 4 for batch in batches)
     for batch in batches:
         assert sum(dataset[index]["anchor"] == "same query" for index in batch) <= 1
 
@@ -91,3 +92,21 @@ def test_under_torchrun_each_process_takes_its_share_of_the_batches():
     for batch in (batch for shard in shards for batch in shard):
         topics = [topic(dataset[index]["anchor"]) for index in batch]
         assert len(topics) == len(set(topics))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_trainer_draws_every_row_even_when_conflicts_make_extra_batches(seed):
+    """The trainer's multi-dataset sampler takes len() batches from each sampler: with nine topics
+    of five queries, batches of 8 need more than 45 / 8 of them, and a length of rows / batch_size
+    left the last rows of every epoch untrained."""
+    import torch
+    from sentence_transformers.base.sampler import ProportionalBatchSampler
+    from torch.utils.data import ConcatDataset
+
+    crowded, other = rows_of_topics(topics=9, per_topic=5), rows_of_topics(topics=24, per_topic=1)
+    samplers, datasets = zip(*(sampler_for(rows, seed=seed) for rows in (crowded, other)))
+    assert len(list(samplers[0])) > -(-len(crowded) // 8)  # the case: more batches than rows / batch_size
+    assert len(samplers[0]) == len(list(samplers[0]))
+    combined = ProportionalBatchSampler(ConcatDataset(datasets), list(samplers), generator=torch.Generator(), seed=seed)
+    drawn = [index for batch in combined for index in batch]
+    assert sorted(drawn) == list(range(len(crowded) + len(other)))
