@@ -360,11 +360,9 @@ def load_runner(backend: str, folder: Path) -> Callable[[dict], np.ndarray]:
 
     threads = torch.get_num_threads()  # the threads torch would have used, no more
     if backend in OPENVINO:
-        import openvino
-
         # OpenVINO computes in bf16 by default on CPUs with native bf16 (AVX512-BF16, AMX): vectors
         # ~1e-3 off torch's (all-MiniLM-L6-v2), which the fp32 agreement check refuses.
-        compiled = openvino.Core().compile_model(str(folder / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = _openvino_core().compile_model(str(folder / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
         request = compiled.create_infer_request()
         return lambda feeds: np.array(request.infer(list(feeds.values()))[0], copy=True)
     import onnxruntime
@@ -375,6 +373,17 @@ def load_runner(backend: str, folder: Path) -> Callable[[dict], np.ndarray]:
     options.log_severity_level = 3  # warnings about unused initializers are noise to a user
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     return lambda feeds: session.run(["last_hidden_state"], feeds)[0]
+
+
+@functools.cache
+def _openvino_core():
+    """One OpenVINO Core for the process, never released. Each Core's CPU plugin installs its own
+    signal stack and, when released, puts back the one it found: two released out of order leave
+    the main thread on an unmapped stack, and the next Ctrl-C (any Python signal handler) is a
+    segmentation fault instead of a KeyboardInterrupt."""
+    import openvino
+
+    return openvino.Core()
 
 
 @functools.cache

@@ -164,6 +164,37 @@ def test_ctrl_c_during_an_export_is_not_lost_in_the_exporter(tiny_model, tmp_pat
     assert not list(tmp_path.glob("backends/*/*"))
 
 
+def test_ctrl_c_after_openvino_models_were_released_out_of_order_is_still_an_interrupt(tiny_model, tmp_path):
+    """Each OpenVINO Core's CPU plugin swaps in its own signal stack and puts back the one it found
+    when released: out of order, the main thread was left on an unmapped stack and the next Ctrl-C
+    was a segmentation fault (the full suite died in the Ctrl-C test above after the OpenVINO ones)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    load_model(tiny_model, backend="openvino", cache_dir=tmp_path)
+    (export,) = tmp_path.glob("backends/*/openvino")
+    script = textwrap.dedent(f"""
+        import gc, os, signal, time
+        from pathlib import Path
+        from embedforge import backends
+        first = backends.load_runner("openvino", Path({str(export)!r}))
+        second = backends.load_runner("openvino", Path({str(export)!r}))
+        del first
+        gc.collect()
+        del second
+        gc.collect()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, "interrupted"), done.stderr[-2000:]
+
+
 def test_a_fine_tuned_model_never_ships_an_export_that_disagrees(tiny_model, tmp_path, monkeypatch):
     import shutil
 
