@@ -9,12 +9,15 @@ in front of 35% of the anchors at least one (measured on mine/train.jsonl of a 2
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 
 import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from embedforge.text import passage_text
+
+logger = logging.getLogger(__name__)
 
 
 class KnownPositivesBatchSampler(DefaultBatchSampler):
@@ -23,7 +26,10 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
 
     `known_positives` maps an anchor text to the texts of every passage known to be relevant to
     it. A row that would break either rule waits for a later batch, in its shuffled order; the
-    last batches of an epoch can come out smaller when rows conflict with each other."""
+    last batches of an epoch can come out smaller when rows conflict with each other. A row left
+    alone in a batch, without negatives of its own, is left out of the epoch: its loss has nothing
+    to compare the positive with, so the step would only move the weights by the optimizer's
+    momentum (82 of 217 steps on nfcorpus with human queries, the passages relevant to dozens of them)."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
                  seed: int = 0, *, known_positives: Mapping[str, frozenset[str]]) -> None:
@@ -36,6 +42,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         # duplicate text, which is refused anyway. So the sets are shared per anchor, not copied per row.
         nothing: frozenset[str] = frozenset()
         self.forbidden = [known_positives.get(anchor, nothing) for anchor in dataset["anchor"]]
+        self.rows_have_negatives = len(columns) > 2  # anchor, positive, then the hard negatives
         self._batches_of: tuple[tuple, list[list[int]]] = ((None, None), [])
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -54,7 +61,12 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
             # A generator of its own, seeded as the shared one would be: len() must not draw from the
             # trainer's generator, and the batches stay those that sampler would have drawn.
             generator = torch.Generator().manual_seed((self.seed or 0) + self.epoch)
-            self._batches_of = (key, self._partition(torch.randperm(len(self.texts), generator=generator).tolist()))
+            batches = self._partition(torch.randperm(len(self.texts), generator=generator).tolist())
+            left_out = len(self.texts) - sum(map(len, batches))
+            if left_out and not self.drop_last:
+                logger.info("epoch %d: %d of %d training rows left out, each alone in a batch with nothing to compare it with "
+                            "(its passage is a known positive of every anchor still unplaced, or theirs of it)", self.epoch, left_out, len(self.texts))
+            self._batches_of = (key, batches)
         return self._batches_of[1]
 
     def _partition(self, remaining: list[int]) -> list[list[int]]:
@@ -74,7 +86,8 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
                 forbidden |= known
             if len(batch) < self.batch_size and self.drop_last:
                 break
-            batches.append(batch)
+            if len(batch) > 1 or self.rows_have_negatives:
+                batches.append(batch)
             remaining = deferred
         return batches
 

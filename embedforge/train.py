@@ -33,7 +33,7 @@ from embedforge.files import process_rank, replace_folder
 from embedforge.hardware import native_bfloat16
 from embedforge.merging import check_mergeable, merged_state
 
-STAGE_VERSION = 4  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query); 3: no known positive of an anchor among its in-batch negatives; 4: and every row of an epoch trained when that makes extra batches
+STAGE_VERSION = 5  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query); 3: no known positive of an anchor among its in-batch negatives; 4: and every row of an epoch trained when that makes extra batches; 5: but a row alone in a batch with nothing to compare is left out
 DEV_METRIC = "dev_cosine_ndcg@10"
 MERGE_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 UNMERGED = "model-unmerged"

@@ -96,17 +96,35 @@ def test_under_torchrun_each_process_takes_its_share_of_the_batches():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_trainer_draws_every_row_even_when_conflicts_make_extra_batches(seed):
-    """The trainer's multi-dataset sampler takes len() batches from each sampler: with nine topics
-    of five queries, batches of 8 need more than 45 / 8 of them, and a length of rows / batch_size
-    left the last rows of every epoch untrained."""
+    """The trainer's multi-dataset sampler takes len() batches from each sampler: with four topics
+    of six queries, batches of 8 hold at most one query of a topic, so they need six batches of
+    four, and a length of rows / batch_size (3) left half the rows of every epoch untrained."""
     import torch
     from sentence_transformers.base.sampler import ProportionalBatchSampler
     from torch.utils.data import ConcatDataset
 
-    crowded, other = rows_of_topics(topics=9, per_topic=5), rows_of_topics(topics=24, per_topic=1)
+    crowded, other = rows_of_topics(topics=4, per_topic=6), rows_of_topics(topics=24, per_topic=1)
     samplers, datasets = zip(*(sampler_for(rows, seed=seed) for rows in (crowded, other)))
     assert len(list(samplers[0])) > -(-len(crowded) // 8)  # the case: more batches than rows / batch_size
     assert len(samplers[0]) == len(list(samplers[0]))
     combined = ProportionalBatchSampler(ConcatDataset(datasets), list(samplers), generator=torch.Generator(), seed=seed)
     drawn = [index for batch in combined for index in batch]
     assert sorted(drawn) == list(range(len(crowded) + len(other)))
+
+
+def test_a_row_alone_with_nothing_to_compare_is_left_out_unless_it_brings_negatives():
+    """Five queries of one topic and two others, batches of 8: the first batch takes one query of the
+    topic and the two others; the topic's other four could only be alone in a batch, where an
+    in-batch loss has nothing to compare a positive with (a step of zero loss)."""
+    import torch
+
+    rows = rows_of_topics(topics=1, per_topic=5)
+    rows += [{"anchor": f"lone {i}", "positive": f"lone passage {i}", "positive_id": f"l{i}", "known_positive_ids": [f"l{i}"]} for i in range(2)]
+    sampler, dataset = sampler_for(rows)
+    assert [len(batch) for batch in sampler] == [3] and len(sampler) == 1
+    assert sorted(dataset[index]["anchor"].split()[0] for index in next(iter(sampler))) == ["lone", "lone", "query"]
+
+    with_negatives = Dataset.from_list([{"anchor": r["anchor"], "positive": r["positive"], "negative": f"negative {i}"} for i, r in enumerate(rows)])
+    known = known_positive_texts(rows, passages_of(rows))
+    kept = KnownPositivesBatchSampler(with_negatives, batch_size=8, drop_last=False, generator=torch.Generator(), seed=0, known_positives=known)
+    assert sorted(len(batch) for batch in kept) == [1, 1, 1, 1, 3] and len(kept) == 5
