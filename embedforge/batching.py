@@ -29,7 +29,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
     last batches of an epoch can come out smaller when rows conflict with each other. A row left
     alone in a batch, without negatives of its own, is left out of the epoch: its loss has nothing
     to compare the positive with, so the step would only move the weights by the optimizer's
-    momentum (82 of 217 steps on nfcorpus with human queries, the passages relevant to dozens of them)."""
+    momentum (82 of 217 steps on nfcorpus with human queries: 29 passages each relevant to ~350 queries)."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
                  seed: int = 0, *, known_positives: Mapping[str, frozenset[str]]) -> None:
