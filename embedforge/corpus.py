@@ -24,13 +24,12 @@ import re
 import sysconfig
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from embedforge.chunking import token_spans, word_windows
 from embedforge.config import CorpusConfig
 from embedforge.documents import READERS_BY_SUFFIX, BadFile, pages_of, read_document
 from embedforge.errors import EmbedforgeError
 from embedforge.files import iter_jsonl
+from embedforge.progress import progress_bar
 from embedforge.text import passage_text
 
 STDLIB_MAX_PASSAGES = 2500
@@ -217,7 +216,7 @@ def folder_records(folder: Path, config: CorpusConfig, report: dict) -> list[dic
 
 def _document_records(files: list[Path], folder: Path, config: CorpusConfig, report: dict) -> list[dict]:
     records = []
-    for file in tqdm(files, desc="reading documents", unit="file", disable=None if len(files) > 50 else True):
+    for file in progress_bar(files, desc="reading documents", unit="file", show=len(files) > 50):
         relative = file.relative_to(folder).as_posix()
         try:
             kind, found = read_document(file, relative)
@@ -265,7 +264,7 @@ def cut_records(records: list[dict], config: CorpusConfig, tokenizer, max_seq_le
                               where=str(getattr(tokenizer, "name_or_path", "")), fix="pass --chunk-tokens 0 (no cutting) or --chunk-words N")
     room = tokenizer.num_special_tokens_to_add(False) + (len(tokenizer(document_prompt, add_special_tokens=False)["input_ids"]) if document_prompt else 0)
     cut, batch, lengths = [], 256, report.setdefault("_token_lengths", {})
-    for start in tqdm(range(0, len(records), batch), desc="cutting passages by tokens", unit="batch", disable=None if len(records) > 5000 else True):
+    for start in progress_bar(range(0, len(records), batch), desc="cutting passages by tokens", unit="batch", show=len(records) > 5000):
         group = records[start : start + batch]
         encoded = tokenizer([r["text"] for r in group], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         titles = tokenizer([r["title"] for r in group], add_special_tokens=False, verbose=False)["input_ids"]
@@ -341,7 +340,7 @@ def stdlib_records() -> list[dict]:
         p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & _STDLIB_SKIP) and not p.name.startswith("test_")
     )
     records, seen = [], set()
-    for file in tqdm(files, desc="reading stdlib docs", unit="file", disable=None):
+    for file in progress_bar(files, desc="reading stdlib docs", unit="file"):
         module = ".".join(file.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
         if any(part.startswith("_") and part != "__init__" for part in module.split(".")):
             continue  # private modules document implementation details

@@ -28,11 +28,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from embedforge.config import MineConfig
 from embedforge.embeddings import CorpusEmbeddings, passage_text
 from embedforge.files import write_json, write_jsonl
+from embedforge.progress import progress_bar
 from embedforge.text import normalize_text, record_of
 
 STAGE_VERSION = 7  # 2: positives and negatives are title + text, as the models encode passages; 3: known_positives; 4: same_record; 5: margins from a known record's best passage; 6: others_above_positive; 7: known_positive_ids
@@ -151,7 +151,7 @@ def others_above_positive(query_vectors: np.ndarray, vectors: np.ndarray, positi
 
 
 def progress_rows(queries: list[dict]):
-    return tqdm(queries, desc="mine", unit="query", disable=None if len(queries) > 1000 else True)
+    return progress_bar(queries, desc="mine", unit="query", show=len(queries) > 1000)
 
 
 def mine(

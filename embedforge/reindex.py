@@ -31,6 +31,7 @@ from embedforge.embeddings import (IndexSpec, build_index, configure_index, enco
                                    resolve_model)
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, iter_jsonl, read_json, sha256_text, write_json
+from embedforge.progress import progress_bar
 from embedforge.text import format_duration
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,6 @@ def _gather(out_dir: Path, entries: list[list]) -> np.ndarray:
 def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: ReindexSettings = ReindexSettings(), model=None) -> ReindexStats:
     """Encode what is not stored yet, shard by shard, then index every current passage."""
     import faiss
-    from tqdm.auto import tqdm
 
     settings.check()
     started = time.perf_counter()
@@ -336,7 +336,7 @@ def reindex(model_name: str, passages: list[dict], out_dir: Path, settings: Rein
         encoder = make_encoder(model, model_name, settings.batch_size, settings.engine, pool, settings.cache)
         pending_texts = [plan.texts[p] for p in plan.pending]
         try:
-            with tqdm(total=len(plan.pending), desc="reindex", unit="passage", unit_scale=True, disable=None) as progress:
+            with progress_bar(total=len(plan.pending), desc="reindex", unit="passage", unit_scale=True) as progress:
                 # A shard holds the passages in the order they were encoded (on Ray, as actors finish).
                 for rows, vectors in encoder.stream(pending_texts, settings.shard_size, progress):
                     positions = [plan.pending[row] for row in rows]

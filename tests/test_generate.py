@@ -480,3 +480,14 @@ def test_a_held_out_prompt_asks_every_dev_and_test_passage_and_no_training_one(t
         GenerateConfig(prompt=paths, held_out_prompt=paths[1])
     with pytest.raises(ValueError, match="2 prompts for the config's 1 prompt files"):
         generate(make_passages(), prompts, tmp_path / "mismatch", _config(prompt=paths[:1]), FakeChatModel(answer_by_style), seed=0)
+
+
+def test_a_log_file_shows_how_far_generation_got(tmp_path, caplog, monkeypatch):
+    # A nightly job's stderr is a file, not a terminal: tqdm alone would print nothing there.
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    caplog.set_level("INFO", logger="embedforge.progress")
+    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=10), ScriptedLLM(), seed=0)
+    lines = [record.getMessage() for record in caplog.records if record.name == "embedforge.progress"]
+    assert any(line.startswith("generate held-out queries: ") for line in lines), lines
+    pairs = [line for line in lines if line.startswith("generate training pairs: ")]
+    assert pairs[0].startswith("generate training pairs: 0/10 pair") and pairs[-1].startswith("generate training pairs: 10/10 pair"), pairs

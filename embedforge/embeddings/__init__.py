@@ -19,6 +19,7 @@ import numpy as np
 
 from embedforge.errors import EmbedforgeError
 from embedforge.files import atomic_write, read_json, sha256_json, sha256_path, write_json
+from embedforge.progress import progress_bar
 from embedforge.text import passage_text  # noqa: F401 (the stages import it from here, with the encoders)
 
 logger = logging.getLogger(__name__)
@@ -135,10 +136,7 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None,
         if given_bar:
             progress.update(len(texts))
         return np.ascontiguousarray(vectors, dtype=np.float32)
-    from tqdm.auto import tqdm
-
-    # disable=None: a bar on a terminal, none in a log file
-    bar = progress if given_bar else tqdm(total=len(texts), desc=f"encode {kind}s", unit="text", disable=None if show else True)
+    bar = progress if given_bar else progress_bar(total=len(texts), desc=f"encode {kind}s", unit="text", show=show)
     vectors = None
     try:
         for positions, size in batch_plan([len(text) for text in texts], batch_size, model.max_seq_length):
@@ -169,10 +167,8 @@ class LocalEncoder:
 
 def encode_corpus(encoder, texts: list[str], show: bool | None = None) -> np.ndarray:
     """Every text's vector, in the texts' order, with a progress bar (for more than 256 texts unless `show` says)."""
-    from tqdm.auto import tqdm
-
     vectors = None
-    with tqdm(total=len(texts), desc="encode documents", unit="text", disable=None if (len(texts) > 256 if show is None else show) else True) as bar:
+    with progress_bar(total=len(texts), desc="encode documents", unit="text", show=len(texts) > 256 if show is None else show) as bar:
         for positions, part in encoder.stream(texts, max(len(texts), 1), progress=bar):
             if vectors is None:
                 vectors = np.empty((len(texts), part.shape[1]), dtype=np.float32)

@@ -30,8 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tqdm.auto import tqdm
-
 from embedforge.config import GenerateConfig
 from embedforge.corpus import split_of, unit_hash
 from embedforge.errors import EmbedforgeError
@@ -39,6 +37,7 @@ from embedforge.files import JsonlAppender, iter_jsonl, sha256_json, write_jsonl
 from embedforge.generate.filters import parse_queries, reject_reason
 from embedforge.generate.sources import batch_request, import_batch_results, import_pairs, load_user_queries, write_eval_set
 from embedforge.llm import ChatModel, Completion, RequestFailed
+from embedforge.progress import progress_bar
 from embedforge.prompts import Prompt, clip_passage, render_messages
 from embedforge.text import normalize_text
 
@@ -390,9 +389,9 @@ class _Generation:
 
     async def run_rounds(self) -> None:
         config, stats = self.config, self.stats
-        with tqdm(total=len(self.held_out), desc="generate held-out queries", unit="passage", disable=None) as progress:
+        with progress_bar(total=len(self.held_out), desc="generate held-out queries", unit="passage") as progress:
             await self.in_order(self.chunks(self.held_out), progress, prefetch=lambda batch: True, chunk_done=lambda: False)
-        with tqdm(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair", disable=None) as pairs_bar:
+        with progress_bar(total=config.min_pairs, initial=min(stats.accepted["train"], config.min_pairs), desc="generate training pairs", unit="pair") as pairs_bar:
 
             def needed_after(batch: list[_Work]) -> bool:
                 # Even if every answer of this chunk passed, min_pairs would not be reached: the next is needed.

@@ -1,0 +1,43 @@
+"""Progress bars that also reach a log file.
+
+On a terminal, a tqdm bar. Elsewhere (a nightly job whose stderr goes to a file) tqdm's own
+choice, `disable=None`, shows nothing, so a 40-minute generation cannot be told from a hang; here
+the same bar becomes a log line at most once a minute instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import std
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("embedforge.progress")
+
+# Seconds between two log lines of one bar when stderr is not a terminal.
+LOG_INTERVAL = 60.0
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left, {rate_fmt}]"
+
+
+class _LogLines:
+    """A file for tqdm that turns each refresh into one log line (tqdm rewrites a line with '\\r')."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            logger.info(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def progress_bar(iterable=None, *, show: bool = True, **options) -> tqdm:
+    """tqdm over `iterable` (or with `total=`), shown on a terminal or logged, hidden when not `show`."""
+    if not show:
+        return tqdm(iterable, disable=True, **options)
+    # Under Jupyter, tqdm.auto is the notebook widget, and stderr is no terminal either.
+    notebook = any(base.__module__ == "tqdm.notebook" for base in tqdm.__mro__)
+    if notebook or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return tqdm(iterable, **options)
+    return std.tqdm(iterable, file=_LogLines(), mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT, **options)
