@@ -32,7 +32,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
     momentum (82 of 217 steps on nfcorpus with human queries: 29 passages each relevant to ~350 queries)."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
-                 seed: int = 0, *, known_positives: Mapping[str, frozenset[str]]) -> None:
+                 seed: int = 0, *, known_positives: Mapping[str, frozenset[str]], left_out: dict[tuple[int, int], int] | None = None) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         # Not texts the loss compares: the trainer's dataset-name column and the label columns it names.
         excluded = {"dataset_name", *(valid_label_columns or ())}
@@ -42,8 +42,12 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         # duplicate text, which is refused anyway. So the sets are shared per anchor, not copied per row.
         nothing: frozenset[str] = frozenset()
         self.forbidden = [known_positives.get(anchor, nothing) for anchor in dataset["anchor"]]
-        self.rows_have_negatives = len(columns) > 2  # anchor, positive, then the hard negatives
+        self.columns = len(columns)  # anchor, positive, then the hard negatives: one training dataset's mark
+        self.rows_have_negatives = self.columns > 2
         self._batches_of: tuple[tuple, list[list[int]]] = ((None, None), [])
+        # (epoch, columns) -> rows left out, for the train stats (a log line alone is easy to miss). A
+        # plain dict given by the caller: the trainer builds the sampler, and pickles its arguments.
+        self.left_out = {} if left_out is None else left_out
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._epoch_batches()
@@ -63,6 +67,8 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
             generator = torch.Generator().manual_seed((self.seed or 0) + self.epoch)
             batches = self._partition(torch.randperm(len(self.texts), generator=generator).tolist())
             left_out = len(self.texts) - sum(map(len, batches))
+            if not self.drop_last:
+                self.left_out[(self.epoch, self.columns)] = left_out
             if left_out and not self.drop_last:
                 logger.info("epoch %d: %d of %d training rows left out, each alone in a batch with nothing to compare it with "
                             "(its passage is a known positive of every anchor still unplaced, or theirs of it)", self.epoch, left_out, len(self.texts))
@@ -90,6 +96,11 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
                 batches.append(batch)
             remaining = deferred
         return batches
+
+
+def left_out_by_epoch(left_out: dict[tuple[int, int], int]) -> list[int]:
+    """Rows left out in each epoch worked out, over every training dataset, from the samplers' `left_out`."""
+    return [sum(count for (epoch, _), count in left_out.items() if epoch == wanted) for wanted in sorted({epoch for epoch, _ in left_out})]
 
 
 def known_positive_texts(rows: list[dict], passages: list[dict]) -> dict[str, frozenset[str]]:

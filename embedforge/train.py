@@ -182,7 +182,7 @@ def train(
     from sentence_transformers.sentence_transformer import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts  # imports torch and sentence-transformers
+    from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts, left_out_by_epoch  # imports torch and sentence-transformers
 
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
@@ -199,7 +199,8 @@ def train(
     known_positives = known_positive_texts(rows, passages)
     # Only where the labels know more positives than the rows train on (imported queries): elsewhere
     # the two samplers keep the same batches apart, and the plain one keeps earlier runs' batches.
-    batch_sampler = partial(KnownPositivesBatchSampler, known_positives=known_positives) if known_positives else BatchSamplers.NO_DUPLICATES
+    left_out: dict[tuple[int, int], int] = {}
+    batch_sampler = partial(KnownPositivesBatchSampler, known_positives=known_positives, left_out=left_out) if known_positives else BatchSamplers.NO_DUPLICATES
     loss_name = resolve_loss(config.loss, rows, config.batch_size)
     epochs = epochs_for(config, len(rows))
     logger.info("training loss: %s, %d epoch(s)", loss_name, epochs)
@@ -283,6 +284,9 @@ def train(
         "loss": loss_name,
         "masked_per_anchor": round(masked_per_anchor(rows, config.batch_size), 4),  # what --loss auto decided by
         "batch_sampler": "known-positives" if known_positives else "no-duplicates",
+        # Per epoch worked out in this process, the rows that could only be alone in a batch with nothing
+        # to compare (known-positive batches only; a resumed run counts from the epoch it resumed in).
+        "rows_left_out_by_epoch": left_out_by_epoch(left_out) if known_positives else None,
         "epochs": epochs,
         "steps": int(result.global_step),
         "train_loss": round(float(result.training_loss), 6),

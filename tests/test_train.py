@@ -184,3 +184,17 @@ def test_generated_queries_keep_the_plain_no_duplicates_batches(tmp_path, tiny_m
     rows = [dict(row, known_positive_ids=[row["positive_id"]]) for row in rows_for(passages)]
     stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=0), seed=0)
     assert stats["batch_sampler"] == "no-duplicates"
+
+
+def test_the_train_stats_count_the_rows_left_out_alone_in_each_epoch(tmp_path, tiny_model):
+    # One topic of five passages, each query knowing all five, and two unrelated queries: a batch
+    # takes one query of the topic and the two others; the topic's four others could only be alone.
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    topic = [p["_id"] for p in passages[:5]]
+    rows = [{"anchor": f"what about {p['title']} and its kin", "positive": passage_text(p), "negative_ids": [], "positive_id": p["_id"],
+             "known_positive_ids": topic if p["_id"] in topic else [p["_id"]]} for p in passages[:7]]
+    config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=3)
+    stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    assert stats["batch_sampler"] == "known-positives"
+    assert stats["epochs"] == stats["steps"] == 3 and stats["rows_left_out_by_epoch"] == [4, 4, 4]
