@@ -148,11 +148,16 @@ class Run:
         return Path(name) if Path(name).is_absolute() else self.dir / name
 
     def hash_inputs(self, paths: list[Path]) -> dict[str, str]:
+        """Files of the run directory, keyed by their place in it."""
+        return self.hash_files({self.relative(path): path for path in paths})
+
+    @staticmethod
+    def hash_files(named: dict[str, Path]) -> dict[str, str]:
         hashes = {}
-        for path in paths:
+        for name, path in named.items():
             if not Path(path).exists():
                 raise EmbedforgeError("A stage input is missing", where=str(path), fix="run the earlier stages first (`embedforge run`), or pass --from an earlier stage")
-            hashes[self.relative(path)] = sha256_path(Path(path))
+            hashes[name] = sha256_path(Path(path))
         return hashes
 
     # --- corpus ----------------------------------------------------------------------------
@@ -363,15 +368,22 @@ class Stage:
     file_fields: tuple[str, ...] = ()
 
 
+# The user's files are keyed by the setting that names them, not by where they are: their contents
+# count, and a checkout in another place (a CI job's fresh workspace) changes nothing.
+
 def _generate_inputs(run: Run) -> dict[str, str]:
     config = run.config.generate
-    return run.hash_inputs([run.path(CORPUS), *config.prompt_files] + [path for path in (config.examples, config.queries) if path])
+    files = {f"prompt[{index}]": path for index, path in enumerate(config.prompt)}
+    files.update({setting: path for setting, path in (("held_out_prompt", config.held_out_prompt), ("examples", config.examples), ("queries", config.queries)) if path})
+    return {**run.hash_inputs([run.path(CORPUS)]), **run.hash_files(files)}
 
 
 def _evaluate_inputs(run: Run) -> dict[str, str]:
     hashes = run.hash_inputs([run.path(name) for name in (CORPUS, EVAL_QUERIES, TEST_QRELS, MODEL, TRAIN_ROWS)])
-    for folder in (*run.config.evaluate.eval_set, *run.config.evaluate.regression_set):
-        hashes.update(evaluate_stage.eval_set_files(folder))
+    evaluate = run.config.evaluate
+    for setting, folders in (("eval_set", evaluate.eval_set), ("regression_set", evaluate.regression_set)):
+        for index, folder in enumerate(folders):
+            hashes.update({f"{setting}[{index}]/{name}": digest for name, digest in evaluate_stage.eval_set_files(folder).items()})
     return hashes
 
 

@@ -225,3 +225,27 @@ def test_no_synthetic_test_split_evaluates_on_the_human_labelled_set_alone(run_c
     assert set(results["eval_sets"]) == {"labelled"}
     assert set(results["eval_sets"]["labelled"]["models"]) >= {"base", "fine-tuned"}
     assert "synthetic-test uses LLM-written queries" not in (tmp_path / "run" / runs.REPORT).read_text()
+
+
+def test_a_checkout_in_another_place_reruns_nothing_and_an_edited_file_is_named(run_config, tmp_path):
+    # A nightly job often runs in a fresh workspace: the same prompt and eval set files, elsewhere.
+    from test_evaluate import write_beir
+
+    first = tmp_path / "checkout-1"
+    first.mkdir()
+    prompt = shutil.copyfile(run_config().generate.prompt[0], first / "prompt.toml")
+    labelled, other = write_beir(first / "labelled"), write_beir(first / "other")
+    assert ran(run_config(prompt=prompt, eval_set=[labelled], regression_set=[other])) == ["generate", "mine", "train", "evaluate"]
+
+    second = shutil.copytree(first, tmp_path / "checkout-2")
+    shutil.rmtree(first)
+    moved = dict(prompt=second / "prompt.toml", eval_set=[second / "labelled"], regression_set=[second / "other"])
+    assert runs.status(run_config(**moved)) == {stage: "up to date" for stage in runs.STAGES}
+    assert ran(run_config(**moved)) == []
+
+    # What changed is named by the setting that gave the file.
+    with (second / "other" / "queries.jsonl").open("a") as queries:
+        queries.write('{"_id": "unjudged", "text": "a query nobody judged"}\n')
+    assert runs.status(run_config(**moved))["evaluate"] == "stale (changed: input regression_set[0]/queries.jsonl)"
+    (second / "prompt.toml").write_text((second / "prompt.toml").read_text().replace("Use your own words.", "Use your own words, please."))
+    assert runs.status(run_config(**moved))["generate"] == "stale (changed: input prompt[0])"

@@ -60,9 +60,9 @@ def load_beir(folder: Path, split: str = "test", passages: list[dict] | None = N
 
 
 def eval_set_files(folder: Path, split: str = "test") -> dict[str, str]:
-    """The files of a BEIR eval set and their hashes: the inputs of a fingerprint."""
+    """The files of a BEIR eval set, by their names in it, and their hashes: the inputs of a fingerprint."""
     folder = Path(folder)
-    return {str(folder / name): sha256_file(folder / name) for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if (folder / name).exists()}
+    return {name: sha256_file(folder / name) for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv") if (folder / name).exists()}
 
 
 def check_eval_set(folder: Path, split: str = "test", examples: int = 3) -> None:
