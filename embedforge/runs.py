@@ -383,7 +383,8 @@ def _evaluate_inputs(run: Run) -> dict[str, str]:
     evaluate = run.config.evaluate
     for setting, folders in (("eval_set", evaluate.eval_set), ("regression_set", evaluate.regression_set)):
         for index, folder in enumerate(folders):
-            hashes.update({f"{setting}[{index}]/{name}": digest for name, digest in evaluate_stage.eval_set_files(folder).items()})
+            # The folder's name stays in the key: the report names the set by it.
+            hashes.update({f"{setting}[{index}] {Path(folder).name}/{name}": digest for name, digest in evaluate_stage.eval_set_files(folder).items()})
     return hashes
 
 

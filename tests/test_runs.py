@@ -246,6 +246,6 @@ def test_a_checkout_in_another_place_reruns_nothing_and_an_edited_file_is_named(
     # What changed is named by the setting that gave the file.
     with (second / "other" / "queries.jsonl").open("a") as queries:
         queries.write('{"_id": "unjudged", "text": "a query nobody judged"}\n')
-    assert runs.status(run_config(**moved))["evaluate"] == "stale (changed: input regression_set[0]/queries.jsonl)"
+    assert runs.status(run_config(**moved))["evaluate"] == "stale (changed: input regression_set[0] other/queries.jsonl)"
     (second / "prompt.toml").write_text((second / "prompt.toml").read_text().replace("Use your own words.", "Use your own words, please."))
     assert runs.status(run_config(**moved))["generate"] == "stale (changed: input prompt[0])"
