@@ -491,3 +491,20 @@ def test_a_log_file_shows_how_far_generation_got(tmp_path, caplog, monkeypatch):
     assert any(line.startswith("generate held-out queries: ") for line in lines), lines
     pairs = [line for line in lines if line.startswith("generate training pairs: ")]
     assert pairs[0].startswith("generate training pairs: 0/10 pair") and pairs[-1].startswith("generate training pairs: 10/10 pair"), pairs
+
+
+def test_a_log_file_counts_answers_as_they_arrive_not_when_their_chunk_is_filtered(tmp_path, caplog, monkeypatch):
+    # On the embedded model a chunk of 512 answers takes minutes: counting them only once the
+    # chunk is filtered left a nightly log silent that long (7 minutes in the demo's held-out step).
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    monkeypatch.setattr("embedforge.progress.LOG_INTERVAL", 0.0)
+    events = []
+    caplog.set_level("INFO", logger="embedforge.progress")
+    monkeypatch.setattr(caplog.handler, "emit", lambda record: events.append(record.getMessage()))
+    llm = ScriptedLLM(lambda passage, call: events.append("call") or from_passage(passage, call))
+    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=10, concurrency=1), llm, seed=0)
+    held_out = [line for line in events if line.startswith("generate held-out queries: ")]
+    total = int(held_out[-1].split("/")[1].split()[0])
+    first_counted = events.index(next(line for line in held_out if not line.startswith("generate held-out queries: 0/")))
+    assert total > 2 and events[:first_counted].count("call") < total, events[:first_counted]
+    assert any(line.startswith("round 1 answers: ") for line in events)

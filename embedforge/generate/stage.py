@@ -289,10 +289,15 @@ class _Generation:
         self.count(work, "rejected")
         self.rejects.append({"passage_id": work.passage["_id"], "split": work.split, "text": text, "reason": reason, "request_sha": key})
 
-    def launch(self, batch: list[_Work]) -> list[asyncio.Task]:
-        return [asyncio.create_task(self.answer(work)) for work in batch]
+    def launch(self, batch: list[_Work], progress) -> list[asyncio.Task]:
+        tasks = [asyncio.create_task(self.answer(work)) for work in batch]
+        for task in tasks:
+            # Counted as each answer arrives, not when its chunk is filtered: on the embedded model a
+            # chunk of 512 answers takes minutes, and a log must show a slow run is not a hung one.
+            task.add_done_callback(lambda done: done.cancelled() or progress.update(1))
+        return tasks
 
-    async def process(self, batch: list[_Work], progress, tasks: list[asyncio.Task]) -> None:
+    async def process(self, batch: list[_Work], tasks: list[asyncio.Task]) -> None:
         """Wait for the answers of `batch` (its launched `tasks`) and filter them, in passage order."""
         config, stats = self.config, self.stats
         try:
@@ -304,7 +309,6 @@ class _Generation:
             raise
         candidates = []  # (work, position, text, key) that passed the cheap filters
         for work, key, completion, queries, failure in sorted(results, key=lambda item: (item[0].passage["_id"], item[0].sample_index)):
-            progress.update(1)
             if completion is not None:
                 self.count(work, "answers")
             if failure == "context_length":
@@ -373,9 +377,9 @@ class _Generation:
         tasks, pending = None, []
         try:
             for number, batch in enumerate(chunks):
-                tasks = tasks or self.launch(batch)
-                pending = self.launch(chunks[number + 1]) if number + 1 < len(chunks) and prefetch(batch) else []
-                await self.process(batch, progress, tasks)
+                tasks = tasks or self.launch(batch, progress)
+                pending = self.launch(chunks[number + 1], progress) if number + 1 < len(chunks) and prefetch(batch) else []
+                await self.process(batch, tasks)
                 tasks = pending
                 if chunk_done():
                     break
@@ -415,7 +419,8 @@ class _Generation:
                 # Sample indexes round after round (round r asks r*samples ... r*samples+samples-1):
                 # with one sample they are the round numbers, as in ledgers written before.
                 work = [self.work(p, "train", round_index * samples + offset) for p in asked for offset in range(samples)]
-                await self.in_order(self.chunks(work), _NullBar(), needed_after, chunk_done)
+                with progress_bar(total=len(work), desc=f"round {round_index + 1} answers", unit="answer", leave=False) as answers:
+                    await self.in_order(self.chunks(work), answers, needed_after, chunk_done)
 
     def write_decided(self) -> None:
         # Also on a stop short of min_pairs: what was accepted and rejected, and why, is on disk.
@@ -546,10 +551,5 @@ def cost_of(usage: Counter | dict, config: GenerateConfig) -> float:
     return round(
         usage.get("prompt_tokens", 0) * config.price_input_per_million / 1e6 + usage.get("completion_tokens", 0) * config.price_output_per_million / 1e6, 6
     )
-
-
-class _NullBar:
-    def update(self, _: int) -> None:
-        pass
 
 
