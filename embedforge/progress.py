@@ -8,6 +8,7 @@ the same bar becomes a log line at most once a minute instead.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from tqdm import std
@@ -18,13 +19,15 @@ logger = logging.getLogger("embedforge.progress")
 # Seconds between two log lines of one bar when stderr is not a terminal.
 LOG_INTERVAL = 60.0
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left, {rate_fmt}]"
+# tqdm moves the cursor between bars shown at once (an encode bar under the generation bar).
+CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _LogLines:
     """A file for tqdm that turns each refresh into one log line (tqdm rewrites a line with '\\r')."""
 
     def write(self, text: str) -> None:
-        text = text.strip("\r\n ")
+        text = CURSOR_MOVES.sub("", text).strip("\r\n ")
         if text:
             logger.info(text)
 

@@ -508,3 +508,4 @@ def test_a_log_file_counts_answers_as_they_arrive_not_when_their_chunk_is_filter
     first_counted = events.index(next(line for line in held_out if not line.startswith("generate held-out queries: 0/")))
     assert total > 2 and events[:first_counted].count("call") < total, events[:first_counted]
     assert any(line.startswith("round 1 answers: ") for line in events)
+    assert not [line for line in events if "\x1b" in line]  # a terminal's cursor moves mean nothing in a log file

@@ -136,7 +136,7 @@ def encode_texts(model, texts: list[str], batch_size: int, kind: str, pool=None,
         if given_bar:
             progress.update(len(texts))
         return np.ascontiguousarray(vectors, dtype=np.float32)
-    bar = progress if given_bar else progress_bar(total=len(texts), desc=f"encode {kind}s", unit="text", show=show)
+    bar = progress if given_bar else progress_bar(total=len(texts), desc="encode queries" if kind == "query" else f"encode {kind}s", unit="text", show=show)
     vectors = None
     try:
         for positions, size in batch_plan([len(text) for text in texts], batch_size, model.max_seq_length):
