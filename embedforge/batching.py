@@ -43,7 +43,6 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         nothing: frozenset[str] = frozenset()
         self.forbidden = [known_positives.get(anchor, nothing) for anchor in dataset["anchor"]]
         self.columns = len(columns)  # anchor, positive, then the hard negatives: one training dataset's mark
-        self.rows_have_negatives = self.columns > 2
         self._batches_of: tuple[tuple, list[list[int]]] = ((None, None), [])
         # (epoch, columns) -> rows left out, for the train stats (a log line alone is easy to miss). A
         # plain dict given by the caller: the trainer builds the sampler, and pickles its arguments.
@@ -67,11 +66,11 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
             generator = torch.Generator().manual_seed((self.seed or 0) + self.epoch)
             batches = self._partition(torch.randperm(len(self.texts), generator=generator).tolist())
             left_out = len(self.texts) - sum(map(len, batches))
-            if not self.drop_last:
+            if not self.drop_last:  # with drop_last, the rows of a short last batch are missing too
                 self.left_out[(self.epoch, self.columns)] = left_out
-            if left_out and not self.drop_last:
-                logger.info("epoch %d: %d of %d training rows left out, each alone in a batch with nothing to compare it with "
-                            "(its passage is a known positive of every anchor still unplaced, or theirs of it)", self.epoch, left_out, len(self.texts))
+                if left_out:
+                    logger.info("epoch %d: %d of %d training rows left out, each alone in a batch with nothing to compare it with "
+                                "(its passage is a known positive of every anchor still unplaced, or theirs of it)", self.epoch, left_out, len(self.texts))
             self._batches_of = (key, batches)
         return self._batches_of[1]
 
@@ -92,7 +91,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
                 forbidden |= known
             if len(batch) < self.batch_size and self.drop_last:
                 break
-            if len(batch) > 1 or self.rows_have_negatives:
+            if len(batch) > 1 or self.columns > 2:  # a row with hard negatives has something to compare
                 batches.append(batch)
             remaining = deferred
         return batches
