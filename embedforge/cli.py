@@ -8,6 +8,7 @@ commands, so `--help` is instant.
 from __future__ import annotations
 
 import inspect
+import os
 import logging
 import sys
 import typing
@@ -81,6 +82,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "sentence_transformers", "transformers", "datasets", "filelock", "urllib3", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        # In a log file the Hugging Face libraries' bars ("Loading weights", "Writing model shards")
+        # are lines of '\r'-joined frames; ours log a line instead (embedforge.progress).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _llm_factory(generate_config, seed: int):

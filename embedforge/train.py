@@ -32,6 +32,7 @@ from embedforge.errors import EmbedforgeError
 from embedforge.files import process_rank, replace_folder
 from embedforge.hardware import native_bfloat16
 from embedforge.merging import check_mergeable, merged_state
+from embedforge.progress import progress_bar
 
 STAGE_VERSION = 5  # 2: --loss auto decides by masked_per_anchor (1: by known positives per query); 3: no known positive of an anchor among its in-batch negatives; 4: and every row of an epoch trained when that makes extra batches; 5: but a row alone in a batch with nothing to compare is left out
 DEV_METRIC = "dev_cosine_ndcg@10"
@@ -59,15 +60,43 @@ def remove_incomplete_checkpoints(checkpoints: Path) -> list[str]:
     return removed
 
 
+def step_progress_callback():
+    """The Trainer's step bar through `progress_bar`: its own tqdm rewrites one line with '\\r', so a
+    nightly log file held a single 13-minute line. Its metric dicts (printed on stdout every
+    logging step) go to the debug log: the stats keep what matters."""
+    from transformers import TrainerCallback
+
+    class StepProgress(TrainerCallback):
+        bar = None
+        step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.step = state.global_step  # a resumed run starts where its checkpoint was
+                self.bar = progress_bar(total=state.max_steps, initial=self.step, desc="train", unit="step", show=not args.disable_tqdm)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.step)
+                self.step = state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logger.debug("%s", logs)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StepProgress()
+
+
 def quiet_trainer_logs(trainer) -> None:
-    """The Trainer prints a metrics dict on stdout every logging step and epoch; the stats keep
-    what matters, so they go to the debug log."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, ProgressCallback):
-            callback.on_log = lambda args, state, control, logs=None, **kwargs: logger.debug("%s", logs)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(step_progress_callback())
 
 
 def training_datasets(rows: list[dict]):

@@ -54,3 +54,17 @@ def test_run_end_to_end(tmp_path, corpus_file, tiny_model, fake_openai):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("Skipping: nothing changed") == 4
     assert len(fake_openai.requests) == calls
+
+
+def test_a_log_file_gets_no_redrawn_bars_from_the_model_libraries(tiny_model, tmp_path):
+    # stderr is a pipe here, as in a nightly job's log file: transformers' "Loading weights" and
+    # "Writing model shards" bars are frames joined by '\r' there, one unreadable line each.
+    script = ("import sys\nfrom embedforge.cli import _setup_logging\n_setup_logging()\n"
+              "from transformers import AutoModel\n"
+              f"AutoModel.from_pretrained({tiny_model!r}).save_pretrained({str(tmp_path / 'saved')!r})\n")
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "saved" / "config.json").exists()
+    assert "Loading weights" not in result.stderr and "%|" not in result.stderr, result.stderr[-2000:]  # (text mode reads '\r' as a newline)

@@ -198,3 +198,21 @@ def test_the_train_stats_count_the_rows_left_out_alone_in_each_epoch(tmp_path, t
     stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["batch_sampler"] == "known-positives"
     assert stats["epochs"] == stats["steps"] == 3 and stats["rows_left_out_by_epoch"] == [4, 4, 4]
+
+
+def test_a_log_file_shows_the_training_steps_as_lines_not_one_rewritten_bar(tmp_path, tiny_model, caplog, capsys, monkeypatch):
+    # A nightly job's stderr is a file: the Trainer's own tqdm bar wrote every step into one line
+    # with '\r' (13 minutes of the demo on a single line), and its metric dicts went to stdout.
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    monkeypatch.setattr("embedforge.progress.LOG_INTERVAL", 0.0)
+    caplog.set_level("INFO", logger="embedforge.progress")
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=12), seed=0)
+    lines = [record.getMessage() for record in caplog.records if record.name == "embedforge.progress" and record.getMessage().startswith("train: ")]
+    steps = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert stats["steps"] >= 12 and steps[0] == 0 and steps[-1] == stats["steps"] and steps == sorted(steps) and len(set(steps)) > 2, lines
+    assert all(line.split("/")[1].startswith(f"{stats['steps']} step") for line in lines)
+    captured = capsys.readouterr()
+    # (Loading the model draws bars of its own here; the CLI turns those off in a log file.)
+    assert f"| {stats['steps']}/{stats['steps']} [" not in captured.err and "'loss'" not in captured.out and "train_runtime" not in captured.out
