@@ -213,6 +213,16 @@ def train(
 
     from embedforge.batching import KnownPositivesBatchSampler, known_positive_texts, left_out_by_epoch  # imports torch and sentence-transformers
 
+    datasets = training_datasets(rows)
+    known_positives = known_positive_texts(rows, passages)
+    if known_positives and not any(len(KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, known_positives=known_positives))
+                                   for dataset in datasets.values()):
+        # Before loading the model: the trainer would stop later, with "args.max_steps must be set".
+        raise EmbedforgeError(
+            f"No training batch can be made from these {len(rows)} rows: every row's passage is a known positive of every other "
+            "row's query, so each row could only be alone in a batch, and no row has hard negatives to compare its positive with",
+            where="mine/train.jsonl (known_positive_ids)",
+            fix="import queries whose relevant passages differ (--queries), or let mining find hard negatives (--num-negatives above 0, wider --range-max)")
     out_dir = Path(out_dir)
     checkpoints = out_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -224,8 +234,6 @@ def train(
     evaluator = dev_evaluator(passages, dev_queries, dev_qrels, encode_batch_size)
     base_dev = evaluator(model).get(DEV_METRIC) if evaluator else None
 
-    datasets = training_datasets(rows)
-    known_positives = known_positive_texts(rows, passages)
     # Only where the labels know more positives than the rows train on (imported queries): elsewhere
     # the two samplers keep the same batches apart, and the plain one keeps earlier runs' batches.
     left_out: dict[tuple[int, int], int] = {}

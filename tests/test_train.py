@@ -216,3 +216,18 @@ def test_a_log_file_shows_the_training_steps_as_lines_not_one_rewritten_bar(tmp_
     captured = capsys.readouterr()
     # (Loading the model draws bars of its own here; the CLI turns those off in a log file.)
     assert f"| {stats['steps']}/{stats['steps']} [" not in captured.err and "'loss'" not in captured.out and "train_runtime" not in captured.out
+
+
+def test_rows_that_could_each_only_be_alone_stop_with_an_error_that_says_why(tmp_path, tiny_model):
+    # Every query knows every passage and mining found no negatives: no batch of two can be made,
+    # and each lone row is left out, so the trainer had nothing to run and failed on max_steps.
+    from embedforge.errors import EmbedforgeError
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    topic = [p["_id"] for p in passages[:5]]
+    rows = [{"anchor": f"what about {p['title']}", "positive": passage_text(p), "negative_ids": [], "positive_id": p["_id"], "known_positive_ids": topic}
+            for p in passages[:5]]
+    with pytest.raises(EmbedforgeError, match="No training batch can be made from these 5 rows") as error:
+        train(rows, passages, queries, qrels, tiny_model, tmp_path, TrainConfig(batch_size=8, max_seq_length=64, min_steps=3), seed=0)
+    assert "--num-negatives" in error.value.message and not (tmp_path / "model").exists()
