@@ -296,6 +296,15 @@ def train(
             "No space left on the device while saving a training checkpoint" + (f" ({', '.join(removed)} was removed half-saved)" if removed else ""),
             where=str(checkpoints), fix="free disk space, then rerun: training resumes from the newest complete checkpoint",
         ) from error
+    if known_positives:
+        # A resumed run's samplers worked out only the epochs it ran; the others' batches are the
+        # same for the same seed and epoch, so the stats count every epoch.
+        done = {epoch for epoch, _ in left_out}
+        for epoch in sorted(set(range(epochs)) - done):
+            for dataset in datasets.values():
+                sampler = KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, seed=seed, known_positives=known_positives, left_out=left_out)
+                sampler.set_epoch(epoch)
+                len(sampler)
     # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.
     tuned_dev = trainer.state.best_metric if arguments.load_best_model_at_end else None
     if tuned_dev is None and evaluator:
@@ -321,8 +330,7 @@ def train(
         "loss": loss_name,
         "masked_per_anchor": round(masked_per_anchor(rows, config.batch_size), 4),  # what --loss auto decided by
         "batch_sampler": "known-positives" if known_positives else "no-duplicates",
-        # Per epoch worked out in this process, the rows that could only be alone in a batch with nothing
-        # to compare (known-positive batches only; a resumed run counts from the epoch it resumed in).
+        # Per epoch, the rows that could only be alone in a batch with nothing to compare (known-positive batches only).
         "rows_left_out_by_epoch": left_out_by_epoch(left_out) if known_positives else None,
         "epochs": epochs,
         "steps": int(result.global_step),

@@ -186,18 +186,45 @@ def test_generated_queries_keep_the_plain_no_duplicates_batches(tmp_path, tiny_m
     assert stats["batch_sampler"] == "no-duplicates"
 
 
+def topic_rows(passages):
+    """One topic of five passages, each query knowing all five, and two unrelated queries: a batch
+    takes one query of the topic and the two others; the topic's four others could only be alone."""
+    topic = [p["_id"] for p in passages[:5]]
+    return [{"anchor": f"what about {p['title']} and its kin", "positive": passage_text(p), "negative_ids": [], "positive_id": p["_id"],
+             "known_positive_ids": topic if p["_id"] in topic else [p["_id"]]} for p in passages[:7]]
+
+
 def test_the_train_stats_count_the_rows_left_out_alone_in_each_epoch(tmp_path, tiny_model):
-    # One topic of five passages, each query knowing all five, and two unrelated queries: a batch
-    # takes one query of the topic and the two others; the topic's four others could only be alone.
     passages = make_passages()
     queries, qrels = dev_set(passages)
-    topic = [p["_id"] for p in passages[:5]]
-    rows = [{"anchor": f"what about {p['title']} and its kin", "positive": passage_text(p), "negative_ids": [], "positive_id": p["_id"],
-             "known_positive_ids": topic if p["_id"] in topic else [p["_id"]]} for p in passages[:7]]
     config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=3)
-    stats = train(rows, passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    stats = train(topic_rows(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["batch_sampler"] == "known-positives"
     assert stats["epochs"] == stats["steps"] == 3 and stats["rows_left_out_by_epoch"] == [4, 4, 4]
+
+
+def test_a_resumed_training_counts_the_rows_left_out_in_the_epochs_before_it_too(tmp_path, tiny_model, monkeypatch):
+    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer
+
+    passages = make_passages()
+    queries, qrels = dev_set(passages)
+    config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=3)
+    original = SentenceTransformerTrainer.training_step
+    calls = {"count": 0}
+
+    def dies_in_the_third_epoch(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:  # an epoch is 1 step: the epoch-2 checkpoint exists by now
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", dies_in_the_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(topic_rows(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", original)
+    stats = train(topic_rows(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
+    assert stats["resumed_from"] == "checkpoint-2" and stats["steps"] == 3
+    assert stats["rows_left_out_by_epoch"] == [4, 4, 4]
 
 
 def test_a_log_file_shows_the_training_steps_as_lines_not_one_rewritten_bar(tmp_path, tiny_model, caplog, capsys, monkeypatch):
