@@ -1,5 +1,7 @@
 """Training on the tiny model: it saves and reloads, every loss trains, resume, and the guard."""
 
+from contextlib import contextmanager
+
 import pytest
 
 from conftest import make_passages
@@ -23,6 +25,27 @@ def rows_for(passages, shuffle=False):
               "negative_2": passages[index + 2]["text"], "negative_ids": [passages[index + 1]["_id"], passages[index + 2]["_id"]], "positive_id": passage["_id"]}
              for index, passage in enumerate(passages[:8])]
     return rows
+
+
+@contextmanager
+def killed_at_training_step(step: int):
+    """The process "killed" (KeyboardInterrupt) as the trainer starts its `step`-th step."""
+    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer
+
+    original = SentenceTransformerTrainer.training_step
+    calls = {"count": 0}
+
+    def dies(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == step:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    SentenceTransformerTrainer.training_step = dies
+    try:
+        yield
+    finally:
+        SentenceTransformerTrainer.training_step = original
 
 
 def dev_set(passages):
@@ -57,26 +80,13 @@ def test_guard_fires_when_training_is_harmful(tmp_path, tiny_model):
     assert stats["tuned_dev_ndcg@10"] <= stats["base_dev_ndcg@10"]
 
 
-def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_model, monkeypatch):
-    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer
-
+def test_resume_after_interruption_continues_from_the_checkpoint(tmp_path, tiny_model):
     passages = make_passages()
     queries, qrels = dev_set(passages)
     config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=0, epochs=2)
-    original = SentenceTransformerTrainer.training_step
-    calls = {"count": 0}
-
-    def dies_in_second_epoch(self, *args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 9:  # an epoch is 7 steps: the epoch-1 checkpoint exists by now
-            raise KeyboardInterrupt("killed")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), killed_at_training_step(9):  # an epoch is 7 steps: the epoch-1 checkpoint exists by now
         train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert not (tmp_path / "model").exists()
-    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", original)
     stats = train(rows_for(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["resumed_from"] == "checkpoint-7"
     assert stats["steps"] == 14
@@ -203,25 +213,12 @@ def test_the_train_stats_count_the_rows_left_out_alone_in_each_epoch(tmp_path, t
     assert stats["epochs"] == stats["steps"] == 3 and stats["rows_left_out_by_epoch"] == [4, 4, 4]
 
 
-def test_a_resumed_training_counts_the_rows_left_out_in_the_epochs_before_it_too(tmp_path, tiny_model, monkeypatch):
-    from sentence_transformers.sentence_transformer import SentenceTransformerTrainer
-
+def test_a_resumed_training_counts_the_rows_left_out_in_the_epochs_before_it_too(tmp_path, tiny_model):
     passages = make_passages()
     queries, qrels = dev_set(passages)
     config = TrainConfig(batch_size=8, max_seq_length=64, min_steps=3)
-    original = SentenceTransformerTrainer.training_step
-    calls = {"count": 0}
-
-    def dies_in_the_third_epoch(self, *args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == 3:  # an epoch is 1 step: the epoch-2 checkpoint exists by now
-            raise KeyboardInterrupt("killed")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", dies_in_the_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), killed_at_training_step(3):  # an epoch is 1 step: the epoch-2 checkpoint exists by now
         train(topic_rows(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
-    monkeypatch.setattr(SentenceTransformerTrainer, "training_step", original)
     stats = train(topic_rows(passages), passages, queries, qrels, tiny_model, tmp_path, config, seed=0)
     assert stats["resumed_from"] == "checkpoint-2" and stats["steps"] == 3
     assert stats["rows_left_out_by_epoch"] == [4, 4, 4]
