@@ -8,8 +8,8 @@ commands, so `--help` is instant.
 from __future__ import annotations
 
 import inspect
-import os
 import logging
+import os
 import sys
 import typing
 from pathlib import Path

@@ -215,9 +215,10 @@ def train(
 
     datasets = training_datasets(rows)
     known_positives = known_positive_texts(rows, passages)
-    if known_positives and not any(len(KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, known_positives=known_positives))
-                                   for dataset in datasets.values()):
-        # Before loading the model: the trainer would stop later, with "args.max_steps must be set".
+    # Rows with hard negatives always make a batch; without them, checked before the model loads
+    # (the trainer would stop later, with "args.max_steps must be set").
+    if known_positives and list(datasets) == ["negatives_0"] and not len(
+            KnownPositivesBatchSampler(datasets["negatives_0"], config.batch_size, drop_last=False, known_positives=known_positives)):
         raise EmbedforgeError(
             f"No training batch can be made from these {len(rows)} rows: every row's passage is a known positive of every other "
             "row's query, so each row could only be alone in a batch, and no row has hard negatives to compare its positive with",
@@ -304,7 +305,7 @@ def train(
             for dataset in datasets.values():
                 sampler = KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, seed=seed, known_positives=known_positives, left_out=left_out)
                 sampler.set_epoch(epoch)
-                len(sampler)
+                len(sampler)  # works the epoch's batches out, which records its rows left out
     # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.
     tuned_dev = trainer.state.best_metric if arguments.load_best_model_at_end else None
     if tuned_dev is None and evaluator:
