@@ -32,7 +32,8 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
     momentum (82 of 217 steps on nfcorpus with human queries: 29 passages each relevant to ~350 queries)."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator: torch.Generator | None = None,
-                 seed: int = 0, *, known_positives: Mapping[str, frozenset[str]], left_out: dict[tuple[int, int], int] | None = None) -> None:
+                 seed: int = 0, *, known_positives: Mapping[str, frozenset[str]], left_out: dict[tuple[int, int], int] | None = None,
+                 log: bool = True) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns, generator=generator, seed=seed)
         # Not texts the loss compares: the trainer's dataset-name column and the label columns it names.
         excluded = {"dataset_name", *(valid_label_columns or ())}
@@ -47,6 +48,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
         # (epoch, columns) -> rows left out, for the train stats (a log line alone is easy to miss). A
         # plain dict given by the caller: the trainer builds the sampler, and pickles its arguments.
         self.left_out = {} if left_out is None else left_out
+        self.log = log  # off for the samplers train() builds to count, so a line means an epoch being trained
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._epoch_batches()
@@ -68,7 +70,7 @@ class KnownPositivesBatchSampler(DefaultBatchSampler):
             left_out = len(self.texts) - sum(map(len, batches))
             if not self.drop_last:  # with drop_last, the rows of a short last batch are missing too
                 self.left_out[(self.epoch, self.columns)] = left_out
-                if left_out:
+                if left_out and self.log:
                     logger.info("epoch %d: %d of %d training rows left out, each alone in a batch with nothing to compare it with "
                                 "(its passage is a known positive of every anchor still unplaced, or theirs of it)", self.epoch, left_out, len(self.texts))
             self._batches_of = (key, batches)

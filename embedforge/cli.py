@@ -84,8 +84,10 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         # In a log file the Hugging Face libraries' bars ("Loading weights", "Writing model shards")
-        # are lines of '\r'-joined frames; ours log a line instead (embedforge.progress).
+        # are lines of '\r'-joined frames; ours log a line instead (embedforge.progress). Read when
+        # those libraries are imported, which no CLI module does before this (a test checks).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _llm_factory(generate_config, seed: int):

@@ -91,11 +91,13 @@ def step_progress_callback():
     return StepProgress()
 
 
-def quiet_trainer_logs(trainer) -> None:
+def replace_trainer_progress(trainer) -> None:
+    """The Trainer's own bar (or, under Jupyter, its notebook bar) and metric printer out, ours in."""
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    for callback in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):
+        trainer.remove_callback(callback)
     trainer.add_callback(step_progress_callback())
 
 
@@ -218,10 +220,10 @@ def train(
     # Rows with hard negatives always make a batch; without them, checked before the model loads
     # (the trainer would stop later, with "args.max_steps must be set").
     if known_positives and list(datasets) == ["negatives_0"] and not len(
-            KnownPositivesBatchSampler(datasets["negatives_0"], config.batch_size, drop_last=False, known_positives=known_positives)):
+            KnownPositivesBatchSampler(datasets["negatives_0"], config.batch_size, drop_last=False, known_positives=known_positives, log=False)):
         raise EmbedforgeError(
-            f"No training batch can be made from these {len(rows)} rows: every row's passage is a known positive of every other "
-            "row's query, so each row could only be alone in a batch, and no row has hard negatives to compare its positive with",
+            f"No training batch can be made from these {len(rows)} rows: no two of them can share a batch (each pair shares a text, "
+            "or one's passage is a known positive of the other's query), and no row has hard negatives to compare its positive with",
             where="mine/train.jsonl (known_positive_ids)",
             fix="import queries whose relevant passages differ (--queries), or let mining find hard negatives (--num-negatives above 0, wider --range-max)")
     out_dir = Path(out_dir)
@@ -282,7 +284,7 @@ def train(
         loss=make_loss(model, config, base_model, loss_name, distributed=distributed, prompts=prompts),
         evaluator=evaluator,
     )
-    quiet_trainer_logs(trainer)
+    replace_trainer_progress(trainer)
     remove_incomplete_checkpoints(checkpoints)
     last = get_last_checkpoint(str(checkpoints))
     if last:
@@ -303,7 +305,8 @@ def train(
         done = {epoch for epoch, _ in left_out}
         for epoch in sorted(set(range(epochs)) - done):
             for dataset in datasets.values():
-                sampler = KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, seed=seed, known_positives=known_positives, left_out=left_out)
+                sampler = KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, seed=seed, known_positives=known_positives,
+                                                     left_out=left_out, log=False)
                 sampler.set_epoch(epoch)
                 len(sampler)  # works the epoch's batches out, which records its rows left out
     # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.

@@ -68,3 +68,13 @@ def test_a_log_file_gets_no_redrawn_bars_from_the_model_libraries(tiny_model, tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "saved" / "config.json").exists()
     assert "Loading weights" not in result.stderr and "%|" not in result.stderr, result.stderr[-2000:]  # (text mode reads '\r' as a newline)
+
+
+def test_the_cli_modules_import_no_hugging_face_library_before_logging_is_set_up():
+    # _setup_logging turns their bars off through variables they read when imported: a module that
+    # imported one at its top would bring the bars back into log files without a word.
+    script = ("import sys, embedforge.cli, embedforge.generate, embedforge.runs, embedforge.reindex, embedforge.evaluate\n"
+              "print(sorted(m for m in ('huggingface_hub', 'transformers', 'datasets', 'sentence_transformers') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
