@@ -19,6 +19,7 @@ logger = logging.getLogger("embedforge.progress")
 # Seconds between two log lines of one bar when stderr is not a terminal.
 LOG_INTERVAL = 60.0
 LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left, {rate_fmt}]"
+UNSIZED_LOG_FORMAT = "{desc}: {n_fmt} {unit} [{elapsed} elapsed, {rate_fmt}]"  # no total, so no time left to tell
 # tqdm moves the cursor between bars shown at once (an encode bar under the generation bar).
 CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -43,4 +44,5 @@ def progress_bar(iterable=None, *, show: bool = True, **options) -> tqdm:
     notebook = any(base.__module__ == "tqdm.notebook" for base in tqdm.__mro__)
     if notebook or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         return tqdm(iterable, **options)
-    return std.tqdm(iterable, file=_LogLines(), mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT, **options)
+    sized = options.get("total") is not None or hasattr(iterable, "__len__")
+    return std.tqdm(iterable, file=_LogLines(), mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT if sized else UNSIZED_LOG_FORMAT, **options)

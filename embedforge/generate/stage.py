@@ -419,7 +419,9 @@ class _Generation:
                 # Sample indexes round after round (round r asks r*samples ... r*samples+samples-1):
                 # with one sample they are the round numbers, as in ledgers written before.
                 work = [self.work(p, "train", round_index * samples + offset) for p in asked for offset in range(samples)]
-                with progress_bar(total=len(work), desc=f"round {round_index + 1} answers", unit="answer", leave=False) as answers:
+                # No total: the round stops once the pairs suffice, so an estimate over all of its asks
+                # read "2:06:48 left" in the demo's log while the pairs bar said 15 minutes.
+                with progress_bar(desc=f"round {round_index + 1} answers (of at most {len(work)})", unit="answer", leave=False) as answers:
                     await self.in_order(self.chunks(work), answers, needed_after, chunk_done)
 
     def write_decided(self) -> None:
