@@ -493,6 +493,39 @@ def test_a_log_file_shows_how_far_generation_got(tmp_path, caplog, monkeypatch):
     assert pairs[0].startswith("generate training pairs: 0/10 pair") and pairs[-1].startswith("generate training pairs: 10/10 pair"), pairs
 
 
+class BatchedLLM(ScriptedLLM):
+    """Answers land together, as the embedded model's do (a batch of prompts decoded at once): every
+    call made within 10 ms is released by one callback."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    async def complete(self, messages, **options):
+        loop = asyncio.get_running_loop()
+        if not self.waiting:
+            loop.call_later(0.01, self.release)
+        self.waiting.append(released := loop.create_future())
+        await released
+        return await super().complete(messages, **options)
+
+    def release(self):
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            future.set_result(None)
+
+
+def test_a_log_files_last_line_of_a_bar_counts_every_answer_even_when_they_land_together(tmp_path, caplog, monkeypatch):
+    # Each answer is counted by a callback of its own: when a batch landed at once, the stage went on
+    # and closed the bar before the last callbacks ran (the held-out bar ended at 428/433 in the demo).
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    caplog.set_level("INFO", logger="embedforge.progress")
+    generate(make_passages(), load_prompt(DEFAULT_PROMPT), tmp_path, _config(min_pairs=10, concurrency=64), BatchedLLM(), seed=0)
+    held_out = [record.getMessage() for record in caplog.records if record.getMessage().startswith("generate held-out queries: ")]
+    total = held_out[0].split("/")[1].split()[0]
+    assert held_out[-1].startswith(f"generate held-out queries: {total}/{total} passage"), held_out
+
+
 def test_a_log_file_counts_answers_as_they_arrive_not_when_their_chunk_is_filtered(tmp_path, caplog, monkeypatch):
     # On the embedded model a chunk of 512 answers takes minutes: counting them only once the
     # chunk is filtered left a nightly log silent that long (7 minutes in the demo's held-out step).
