@@ -217,10 +217,11 @@ def train(
 
     datasets = training_datasets(rows)
     known_positives = known_positive_texts(rows, passages)
+    # The trainer's batches, worked out here only to count them (so without log lines of their own).
+    counting_sampler = partial(KnownPositivesBatchSampler, batch_size=config.batch_size, drop_last=False, seed=seed, known_positives=known_positives, log=False)
     # Rows with hard negatives always make a batch; without them, checked before the model loads
     # (the trainer would stop later, with "args.max_steps must be set").
-    if known_positives and list(datasets) == ["negatives_0"] and not len(
-            KnownPositivesBatchSampler(datasets["negatives_0"], config.batch_size, drop_last=False, known_positives=known_positives, log=False)):
+    if known_positives and list(datasets) == ["negatives_0"] and not len(counting_sampler(datasets["negatives_0"])):
         raise EmbedforgeError(
             f"No training batch can be made from these {len(rows)} rows: no two of them can share a batch (each pair shares a text, "
             "or one's passage is a known positive of the other's query), and no row has hard negatives to compare its positive with",
@@ -305,8 +306,7 @@ def train(
         done = {epoch for epoch, _ in left_out}
         for epoch in sorted(set(range(epochs)) - done):
             for dataset in datasets.values():
-                sampler = KnownPositivesBatchSampler(dataset, config.batch_size, drop_last=False, seed=seed, known_positives=known_positives,
-                                                     left_out=left_out, log=False)
+                sampler = counting_sampler(dataset, left_out=left_out)
                 sampler.set_epoch(epoch)
                 len(sampler)  # works the epoch's batches out, which records its rows left out
     # The trainer scored the state it kept on dev already; evaluating again would re-encode the corpus.
