@@ -226,7 +226,7 @@ class TrainConfig(_Frozen):
 
 class EvaluateConfig(_Frozen):
     eval_set: tuple[Path, ...] = ()
-    regression_set: tuple[Path, ...] = Field((), description="BEIR folders of other domains the base model served: base vs fine-tuned on each, 'forgets' when the NDCG@10 CI is below zero")
+    regression_set: tuple[Path, ...] = Field((), description="BEIR folders of other domains the base model served: base vs fine-tuned on each, 'forgets' when the NDCG@10 difference is significantly below zero (CI below zero and p < 0.05)")
     bootstrap_resamples: int = Field(10_000, ge=100)
 
 

@@ -307,6 +307,20 @@ def test_a_regression_set_says_forgets_only_when_the_whole_ci_is_below_zero(beir
     assert ("fine-tuned forgets toy" in report) == (expected == "forgets")
 
 
+@pytest.mark.parametrize("ci95, p_value, expected", [
+    ([0.00003, 0.0217], 0.0545, "holds"),  # nfcorpus's default run on LegalSummarization, 2026-12-07: the report said "gains" beside "no significant difference"
+    ([0.0041, 0.0185], 0.002, "gains"),
+    ([-0.0150, -0.0001], 0.07, "holds"),
+    ([-0.0150, -0.0030], 0.004, "forgets"),
+])
+def test_a_regression_verdict_agrees_with_the_comparisons_own_verdict(ci95, p_value, expected):
+    from embedforge.evaluate.metrics import verdict
+    from embedforge.evaluate.stage import regression_verdict
+
+    versus = {"delta": sum(ci95) / 2, "ci95": ci95, "p_value": p_value, "verdict": verdict(*ci95, p_value)}
+    assert regression_verdict(versus) == expected
+
+
 def test_a_model_that_forgets_is_offered_the_least_merged_model_that_does_not(beir_folder, tmp_path, monkeypatch, tiny_model):
     from dataclasses import replace
 

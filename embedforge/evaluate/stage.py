@@ -19,7 +19,7 @@ from embedforge.merging import save_merged
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 2  # 2: BM25 row, contamination check, report.png, biggest per-query changes
+STAGE_VERSION = 3  # 2: BM25 row, contamination check, report.png, biggest per-query changes; 3: regression verdicts by the comparison's own rule (CI and p-value)
 HEADLINE = ("ndcg@10", "recall@10", "recall@100", "mrr@10")  # compared with CIs and p-values
 CHANGES_SHOWN = 5
 OFFERED_ALPHAS = (0.75, 0.5, 0.25)  # merges offered when the fine-tuned model forgets, most fine-tuned first
@@ -51,9 +51,10 @@ def versus_reference(reference: dict, result: dict, resamples: int, seed: int) -
 
 
 def regression_verdict(versus: dict) -> str:
-    """On another domain's set: "forgets" when the whole NDCG@10 CI is below zero, "gains" when above, else "holds"."""
-    low, high = versus["ci95"]
-    return "forgets" if high < 0 else "gains" if low > 0 else "holds"
+    """On another domain's set: "forgets" when the NDCG@10 difference is significantly below zero,
+    "gains" when above, else "holds". Read off the comparison's own verdict (CI and p-value must
+    agree), so the report never says "gains" beside "no significant difference" for one comparison."""
+    return {"worse": "forgets", "better": "gains"}.get(versus["verdict"], "holds")
 
 
 def regression_notes(results: dict) -> list[str]:
