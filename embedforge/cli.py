@@ -291,9 +291,20 @@ def search(query: str = typer.Argument(..., help="the query text"),
         typer.echo(f"{hit.rank:>3}  {hit.id}  {hit.score:.4f}  {text[:200] + ('…' if len(text) > 200 else '')}")
 
 
+def quiet_other_progress_bars() -> None:
+    """Off a terminal (a nightly job's stderr in a file), other libraries' tqdm bars (GGUF
+    conversion, sentence-transformers' model card) write every redraw into the log, joined by
+    '\r'; ours log a line a minute instead (embedforge.progress). tqdm reads its TQDM_* defaults
+    once, when first imported, so this must run before anything imports it; a TQDM_DISABLE the
+    user set wins."""
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main() -> None:
     """Every failure that reaches the user ends here as what / where / fix and exit 1 (130 for
     Ctrl-C); only a bug prints a traceback, and then only with -v."""
+    quiet_other_progress_bars()
     from embedforge.generate import BatchExported
 
     try:

@@ -45,4 +45,6 @@ def progress_bar(iterable=None, *, show: bool = True, **options) -> tqdm:
     if notebook or (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         return tqdm(iterable, **options)
     sized = options.get("total") is not None or hasattr(iterable, "__len__")
-    return std.tqdm(iterable, file=_LogLines(), mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT if sized else UNSIZED_LOG_FORMAT, **options)
+    # disable=False: the CLI switches other libraries' bars off in a log file (TQDM_DISABLE), not ours.
+    return std.tqdm(iterable, file=_LogLines(), mininterval=LOG_INTERVAL, miniters=1, bar_format=LOG_FORMAT if sized else UNSIZED_LOG_FORMAT,
+                    disable=False, **options)

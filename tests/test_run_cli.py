@@ -70,6 +70,27 @@ def test_a_log_file_gets_no_redrawn_bars_from_the_model_libraries(tiny_model, tm
     assert "Loading weights" not in result.stderr and "%|" not in result.stderr, result.stderr[-2000:]  # (text mode reads '\r' as a newline)
 
 
+def test_a_log_file_gets_no_redrawn_bars_from_other_libraries_but_keeps_ours():
+    # Off a terminal, a third-party tqdm bar (GGUF conversion, sentence-transformers' "Computing
+    # widget examples") wrote '\r'-joined frames into a nightly job's log; ours must still log lines.
+    script = ("import logging\nfrom embedforge.cli import quiet_other_progress_bars\nquiet_other_progress_bars()\n"
+              "logging.basicConfig(level=logging.INFO)\nfrom tqdm.auto import tqdm\nlist(tqdm(range(3), desc='other library'))\n"
+              "from embedforge.progress import progress_bar\nlist(progress_bar(range(3), desc='ours', unit='item'))\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TQDM_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "other library" not in result.stderr, result.stderr
+    assert "ours: 3/3 item" in result.stderr, result.stderr
+
+
+def test_the_cli_module_imports_no_tqdm_before_main_quiets_other_bars():
+    # tqdm reads TQDM_DISABLE once, when first imported: main() sets it first, so importing the CLI must not import tqdm.
+    script = "import sys, embedforge.cli\nprint('tqdm' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"
+
+
 def test_the_cli_modules_import_no_hugging_face_library_before_logging_is_set_up():
     # _setup_logging turns their bars off through variables they read when imported: a module that
     # imported one at its top would bring the bars back into log files without a word.
