@@ -82,12 +82,7 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "sentence_transformers", "transformers", "datasets", "filelock", "urllib3", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        # In a log file the Hugging Face libraries' bars ("Loading weights", "Writing model shards")
-        # are lines of '\r'-joined frames; ours log a line instead (embedforge.progress). Read when
-        # those libraries are imported, which no CLI module does before this (a test checks).
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    quiet_other_progress_bars()
 
 
 def _llm_factory(generate_config, seed: int):
@@ -292,13 +287,14 @@ def search(query: str = typer.Argument(..., help="the query text"),
 
 
 def quiet_other_progress_bars() -> None:
-    """Off a terminal (a nightly job's stderr in a file), other libraries' tqdm bars (GGUF
-    conversion, sentence-transformers' model card) write every redraw into the log, joined by
-    '\r'; ours log a line a minute instead (embedforge.progress). tqdm reads its TQDM_* defaults
-    once, when first imported, so this must run before anything imports it; a TQDM_DISABLE the
-    user set wins."""
+    """Off a terminal (a nightly job's stderr in a file), other libraries' bars (the Hugging Face
+    libraries' "Loading weights", the GGUF conversion, sentence-transformers' model card) write
+    every redraw into the log, joined by '\r'; ours log a line a minute instead
+    (embedforge.progress). Each library reads its switch once, when first imported, so this runs
+    before anything imports them (tests check the CLI modules import none); a value the user set wins."""
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        for switch in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+            os.environ.setdefault(switch, "1")
 
 
 def main() -> None:
